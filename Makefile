@@ -1,0 +1,38 @@
+# genexp — `make run` and `make test` install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision are pinned here (not in pyproject) to the builds this machine serves from disk;
+# set TORCH_SPEC= to let pip choose.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test test-all lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q $(TORCH_SPEC))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/genexp train $(ARGS)
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check genexp tests scripts
+	$(BIN)/ruff format --check genexp tests scripts
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_overhead.py
+
+clean:
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache

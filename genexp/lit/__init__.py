@@ -1,0 +1,1 @@
+"""Lightning glue: the generic LightningModule, the DataModule, callbacks and logger set-up."""

@@ -1,0 +1,184 @@
+"""Callbacks: sample/reconstruction/latent grids, throughput, and plain-text epoch summaries."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+from genexp.errors import check_int
+
+log = logging.getLogger("genexp")
+
+
+def log_image(trainer: pl.Trainer, key: str, path: Path, caption: str) -> None:
+    """Send a PNG written to ``path`` to every logger that takes images (wandb, TensorBoard)."""
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)], caption=[caption], step=trainer.global_step)
+        elif name == "TensorBoardLogger":
+            import numpy as np
+            from PIL import Image
+
+            array = np.asarray(Image.open(path).convert("RGB"))
+            logger.experiment.add_image(key, array, trainer.global_step, dataformats="HWC")
+
+
+def latent_scatter(latents: torch.Tensor, labels: torch.Tensor, path: Path, title: str) -> None:
+    """Scatter plot of 2-D latents, or of their first two principal components, coloured by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = latents.float()
+    if z.shape[1] > 2:
+        z = z - z.mean(0)
+        _, _, v = torch.pca_lowrank(z, q=2, center=False)
+        z, axes = z @ v[:, :2], ("PC 1", "PC 2")
+    elif z.shape[1] == 2:
+        axes = ("z1", "z2")
+    else:
+        z, axes = torch.cat([z, torch.zeros_like(z)], 1), ("z1", "")
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    labelled = labels >= 0
+    sc = ax.scatter(z[:, 0], z[:, 1], c=labels.where(labelled, 0), cmap="tab10", s=6, alpha=0.8)
+    if labelled.any():
+        fig.colorbar(sc, ax=ax, label="label")
+    ax.set(xlabel=axes[0], ylabel=axes[1], title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every_n_epochs``: samples from fixed noise, reconstructions of a fixed validation
+    batch, and a latent scatter plot, written under ``dirpath`` as PNG and sent to the loggers.
+
+    Args:
+        dirpath: folder for the PNGs (the run's ``samples/``).
+        every_n_epochs: how often (0: only at the end of training).
+        num_samples: images per grid.
+        seed: seed of the sampling noise (the same noise every epoch, so grids compare).
+        latent_points: validation images encoded for the scatter plot (0: off).
+    """
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0,
+                 latent_points: int = 1000):
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=0)
+        self.num_samples = check_int("num_samples", num_samples, minimum=1)
+        self.seed = seed
+        self.latent_points = check_int("latent_points", latent_points, minimum=0)
+        self.written: list[Path] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+            self.write(trainer, pl_module, f"epoch_{epoch:03d}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if not self.every_n_epochs or epoch % self.every_n_epochs:
+            self.write(trainer, pl_module, f"epoch_{epoch:03d}")
+
+    @rank_zero_only
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        from torchvision.utils import save_image
+
+        model = pl_module.model
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+                samples = model.sample(self.num_samples, generator=generator).float().clamp(0, 1)
+                path = self.dirpath / f"{tag}_samples.png"
+                save_image(samples.cpu(), path, nrow=int(self.num_samples**0.5))
+                self._done(trainer, "samples", path, tag)
+                datamodule = trainer.datamodule
+                if hasattr(model, "reconstruct") and datamodule is not None:
+                    x, _ = datamodule.fixed_batch("val", self.num_samples // 2)
+                    x = x.to(pl_module.device)
+                    recon = model.reconstruct(x).float().clamp(0, 1)
+                    pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original, reconstruction, ...
+                    path = self.dirpath / f"{tag}_reconstructions.png"
+                    save_image(pairs.cpu(), path, nrow=2 * int((self.num_samples // 2) ** 0.5))
+                    self._done(trainer, "reconstructions", path, tag)
+                if hasattr(model, "encode") and self.latent_points and datamodule is not None:
+                    x, y = datamodule.fixed_batch("val", self.latent_points)
+                    z = model.encode(x.to(pl_module.device))
+                    z = z[0] if isinstance(z, tuple) else z  # VAE: the posterior mean
+                    path = self.dirpath / f"{tag}_latents.png"
+                    latent_scatter(z.cpu(), y.cpu(), path, f"latents of {len(x)} validation images ({tag})")
+                    self._done(trainer, "latents", path, tag)
+        finally:
+            model.train(was_training)
+
+    def _done(self, trainer: pl.Trainer, kind: str, path: Path, tag: str) -> None:
+        self.written.append(path)
+        log_image(trainer, f"val/{kind}", path, tag)
+
+
+class Throughput(pl.Callback):
+    """Training images per second over the training batches only (not validation or sampling)."""
+
+    def __init__(self):
+        self.images = 0
+        self.seconds = 0.0
+        self._start = None
+        self._epoch_images = 0
+        self._epoch_seconds = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_images, self._epoch_seconds = 0, 0.0
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # batch end to batch end: data loading, step and hooks count; epoch-end work does not
+        now = time.perf_counter()
+        n = batch[0].shape[0] * trainer.world_size
+        self._epoch_images += n
+        self._epoch_seconds += now - self._start
+        self._start = now
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.images += self._epoch_images
+        self.seconds += self._epoch_seconds
+        if self._epoch_seconds > 0:
+            pl_module.log("train/img_per_sec", self._epoch_images / self._epoch_seconds, rank_zero_only=True)
+
+    @property
+    def img_per_sec(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+class EpochSummary(pl.Callback):
+    """One plain log line per epoch: mean training loss, validation metrics, time (files, CI logs)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        self._loss_sum, self._batches = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._loss_sum += float(loss.detach())
+            self._batches += 1
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        parts = [f"train/loss {self._loss_sum / max(self._batches, 1):.4g}"]
+        parts += [f"{k} {float(v):.4g}" for k, v in sorted(metrics.items())
+                  if k.startswith("val/") and v.numel() == 1]
+        elapsed = time.perf_counter() - self._start
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        log.info("epoch %d/%s (step %d, %.1fs) | %s", trainer.current_epoch + 1, max_epochs, trainer.global_step,
+                 elapsed, " | ".join(parts))

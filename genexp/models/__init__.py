@@ -1,0 +1,1 @@
+"""Generative families, pure torch: each exposes ``loss``, ``sample`` and optional ``nll_bpd``/``reconstruct``."""

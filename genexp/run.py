@@ -1,0 +1,230 @@
+"""Compose the run from the config and execute it: the only place that instantiates.
+
+Every ``_target_`` goes through :func:`instantiate`, which only reaches allow-listed prefixes, so a
+config (or a checkpoint's stored config) cannot run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from genexp.errors import ConfigError, GenexpError, check_float, check_int
+from genexp.lit.callbacks import EpochSummary, Throughput
+from genexp.lit.datamodule import DataModule
+from genexp.lit.loggers import finish_wandb, prepare_wandb_kwargs
+from genexp.lit.module import GenerativeModule
+
+log = logging.getLogger("genexp")
+
+
+class _DropTips(logging.Filter):
+    """Drop Lightning's advertising tips from the run log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_third_party() -> None:
+    import warnings
+
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*is an invalid version and will not be supported.*")
+
+ALLOWED_TARGET_PREFIXES = ("genexp.", "torch.optim.", "pytorch_lightning.")
+
+
+def check_targets(node: Any, key: str) -> None:
+    """Refuse any ``_target_`` outside the allow-list, anywhere inside ``node``."""
+    if isinstance(node, DictConfig | dict):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+            raise GenexpError(
+                f"{key}._target_={target}: not allowed; targets must start with {', '.join(ALLOWED_TARGET_PREFIXES)}"
+            )
+        for k, v in node.items():
+            if k != "_target_":
+                check_targets(v, f"{key}.{k}")
+    elif isinstance(node, list | tuple) or OmegaConf.is_list(node):
+        for i, v in enumerate(node):
+            check_targets(v, f"{key}[{i}]")
+
+
+def instantiate(node: Any, key: str, **kwargs) -> Any:
+    """Allow-listed ``hydra.utils.instantiate`` whose errors name the config key."""
+    check_targets(node, key)
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except hydra.errors.InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, ConfigError):
+            raise GenexpError(f"{key}.{cause.key}={cause.value!r}: {cause.message}") from None
+        if isinstance(cause, GenexpError):
+            raise cause from None
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise GenexpError(f"{key}: {first}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that are cheaper before anything is built (the constructors check the rest)."""
+    check = {"seed": lambda v: check_int("seed", v, minimum=0)}
+    for k, fn in check.items():
+        try:
+            fn(cfg.get(k))
+        except ConfigError as err:
+            raise GenexpError(str(err)) from None
+    try:
+        check_float("optimizer.lr", cfg.optimizer.get("lr"), positive=True)
+        check_int("data.batch_size", cfg.data.batch_size, minimum=1)
+        trainer = cfg.trainer
+        for key in ("max_epochs", "max_steps"):
+            if trainer.get(key) is not None:
+                check_int(f"trainer.{key}", trainer.get(key), minimum=-1)
+    except ConfigError as err:
+        raise GenexpError(str(err)) from None
+
+
+def load_checkpoint_meta(path: Path) -> dict:
+    """Read a checkpoint safely (``weights_only=True``) and return its genexp section."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle refused by weights_only, not a checkpoint at all
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise GenexpError(f"ckpt_path={path}: cannot load it safely as a checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or "genexp" not in ckpt or "state_dict" not in ckpt:
+        raise GenexpError(f"ckpt_path={path}: not a genexp checkpoint (no genexp section)")
+    return ckpt["genexp"]
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers (what checkpoints and loggers store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def build_logger(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
+    node = cfg.get("logger")
+    if not node:
+        return False
+    kwargs = {}
+    if str(node.get("_target_", "")).endswith("WandbLogger"):
+        kwargs = prepare_wandb_kwargs({}, wandb_id)
+    check_targets(node, "logger")
+    return instantiate(node, "logger", **kwargs)
+
+
+@rank_zero_only
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, test and write ``metrics.json``; return the metrics. Raises GenexpError for user errors."""
+    start = time.perf_counter()
+    quiet_third_party()
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = None
+    wandb_id = None
+    if cfg.get("ckpt_path"):
+        from genexp.resume import resolve_checkpoint
+
+        ckpt_path = resolve_checkpoint(str(cfg.ckpt_path))
+        meta = load_checkpoint_meta(ckpt_path)
+        stored = (meta.get("config") or {}).get("model", {}).get("_target_")
+        if stored and stored != cfg.model.get("_target_"):
+            raise GenexpError(
+                f"ckpt_path={ckpt_path}: a checkpoint of {stored}, but model is {cfg.model._target_}; "
+                "pass the same model (or the run dir, which replays its overrides)"
+            )
+        wandb_id = meta.get("wandb_id")
+        log.info("resuming from %s", ckpt_path)
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dataset = instantiate(cfg.dataset, "dataset")
+    datamodule = instantiate(cfg.data, "data", dataset=dataset)
+    model = instantiate(cfg.model, "model")
+    optimizer = instantiate(cfg.optimizer, "optimizer")
+    try:  # a dry build so a bad optimizer setting fails now, not after the first epoch
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise GenexpError(f"optimizer: {err}") from None
+    scheduler = instantiate(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None
+
+    config = plain_config(cfg)
+    module = GenerativeModule(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
+    callbacks: list[pl.Callback] = [instantiate(node, f"callbacks.{name}")
+                                    for name, node in (cfg.get("callbacks") or {}).items() if node]
+    throughput = Throughput()
+    callbacks += [throughput, EpochSummary()]
+    tty = sys.stdout.isatty()
+    if tty:
+        from pytorch_lightning.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    logger = build_logger(cfg, output_dir, wandb_id)
+    if logger:
+        logger.log_hyperparams(config)
+        if type(logger).__name__ == "WandbLogger":
+            module.wandb_id = getattr(logger, "version", None)
+    trainer: pl.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger,
+                                      enable_progress_bar=tty)
+
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters; data %s %dx%dx%d; output %s", type(model).__name__, num_params / 1e6,
+             type(dataset).__name__, dataset.channels, dataset.image_size, dataset.image_size, output_dir)
+    fit_start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True)
+        fit_time = time.perf_counter() - fit_start
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True,
+                            verbose=False)
+    finally:
+        if logger and type(logger).__name__ == "WandbLogger":
+            finish_wandb(logger)
+    metrics = {
+        "model": type(model).__name__,
+        "dataset": type(dataset).__name__,
+        "seed": cfg.seed,
+        "test": {k: _scalar(v) for k, v in (test[0] if test else {}).items()},
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "num_parameters": num_params,
+        "train_img_per_sec": throughput.img_per_sec,
+        "fit_time_s": fit_time,
+        "wall_time_s": time.perf_counter() - start,
+        "best_checkpoint": best or None,
+        "output_dir": str(output_dir),
+    }
+    write_json(output_dir / "metrics.json", metrics)
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics["test"].items() if isinstance(v, float))
+    log.info("test: %s | %d steps in %.1fs (%.0f img/s) | %s", summary, trainer.global_step, fit_time,
+             throughput.img_per_sec, output_dir / "metrics.json")
+    return metrics
+
