@@ -72,3 +72,32 @@ def finish_wandb(logger) -> None:
     wandb.finish()
     if offline and run_dir is not None:
         log.info("wandb: offline run saved; upload it with: wandb sync %s", run_dir)
+
+
+def _appending_csv_logger():
+    """Lightning's CSVLogger deletes an existing metrics.csv; on resume we append to it instead."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger as _CSVLogger
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+    class _AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):  # keep the earlier rows and their columns
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = list(next(csv.reader(f), []))
+
+    class CSVLogger(_CSVLogger):
+        """``metrics.csv`` under the run dir; a resumed run appends to it (Lightning's would delete it)."""
+
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return CSVLogger
+
+
+CSVLogger = _appending_csv_logger()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -18,7 +17,3 @@ class LossOutput(NamedTuple):
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]
 
-
-def nats_to_bpd(nll_nats: torch.Tensor, num_dims: int) -> torch.Tensor:
-    """Convert a negative log-likelihood in nats per image into bits per dimension."""
-    return nll_nats / (num_dims * math.log(2.0))

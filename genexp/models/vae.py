@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from genexp.errors import check_choice, check_float, check_int
-from genexp.models.base import LossOutput, nats_to_bpd
+from genexp.metrics.bpd import nats_to_bpd
+from genexp.models.base import LossOutput
 from genexp.models.likelihoods import LIKELIHOODS
 from genexp.nets.conv import ConvDecoder, ConvEncoder
 
