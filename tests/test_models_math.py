@@ -9,8 +9,8 @@ import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from genexp.errors import ConfigError
-from genexp.models.ae import AE, gaussian_kl_full
 from genexp.metrics.bpd import nats_to_bpd
+from genexp.models.ae import AE, gaussian_kl_full
 from genexp.models.vae import VAE, gaussian_kl
 from genexp.nets.conv import ConvDecoder, ConvEncoder, conv_plan
 
@@ -46,7 +46,9 @@ def test_gaussian_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(3, 5, generator=g, dtype=F64)
     logvar = torch.randn(3, 5, generator=g, dtype=F64)
-    want = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(-1)
+    want = kl_divergence(
+        Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    ).sum(-1)
     torch.testing.assert_close(gaussian_kl(mu, logvar), want)
 
 
@@ -64,13 +66,16 @@ def test_gaussian_kl_full_matches_torch_distributions():
     a = torch.randn(4, 4, generator=g, dtype=F64)
     cov = a @ a.T + 0.3 * torch.eye(4, dtype=F64)  # a random SPD matrix with correlations
     mean = torch.randn(4, generator=g, dtype=F64)
-    want = kl_divergence(MultivariateNormal(mean, cov), MultivariateNormal(torch.zeros(4, dtype=F64), torch.eye(4, dtype=F64)))
+    want = kl_divergence(
+        MultivariateNormal(mean, cov), MultivariateNormal(torch.zeros(4, dtype=F64), torch.eye(4, dtype=F64))
+    )
     torch.testing.assert_close(gaussian_kl_full(mean, cov), want)
 
 
 def test_nats_to_bpd_golden():
     # 784 ln 2 nats over 784 dims = 784 bits / 784 dims = 1 bit/dim; 8 bits/dim on 3x32x32 = 3072 dims
-    assert nats_to_bpd(torch.tensor(784 * math.log(2), dtype=F64), 784).item() == pytest.approx(1.0, abs=1e-15)
+    one_bit = nats_to_bpd(torch.tensor(784 * math.log(2), dtype=F64), 784)
+    assert one_bit.item() == pytest.approx(1.0, abs=1e-15)
     got = nats_to_bpd(torch.tensor([3072 * 8 * math.log(2), 0.0], dtype=F64), 3072)
     torch.testing.assert_close(got, torch.tensor([8.0, 0.0], dtype=F64))
 
@@ -158,7 +163,6 @@ def tiny_ae(**kwargs) -> AE:
 
 @pytest.mark.filterwarnings("ignore:std\\(\\)")  # the batch of one below logs a NaN latent_std
 def test_ae_running_gaussian_fit():
-    # float32 model: the fit is computed on float32 codes (see the float64 xfail below)
     m = tiny_ae(prior_momentum=0.25).train()
     g = torch.Generator().manual_seed(0)
     x1, x2, x3 = (torch.rand(16, 1, 8, 8, generator=g) for _ in range(3))
@@ -185,9 +189,12 @@ def test_ae_running_gaussian_fit():
     torch.testing.assert_close(m.prior_cov, cov, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="genexp/models/ae.py: _update_prior casts the codes to float32 (z.detach().float()), so "
-                          "in a float64 model the second update's lerp_ fails (double vs float); remove once fixed")
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="genexp/models/ae.py: _update_prior casts the codes to float32 (z.detach().float()), so "
+    "in a float64 model the second update's lerp_ fails (double vs float); remove once fixed",
+)
 def test_ae_running_gaussian_fit_in_float64():
     m = tiny_ae().double().train()
     x = torch.rand(4, 1, 8, 8, dtype=F64)
@@ -197,7 +204,6 @@ def test_ae_running_gaussian_fit_in_float64():
 
 
 def test_ae_sample_draws_from_the_fitted_gaussian(monkeypatch):
-    # float32 model: AE.sample draws eps in the default dtype (see the xfail below for float64).
     m = tiny_ae(latent_dim=2).eval()
     mean = torch.tensor([1.0, -2.0])
     cov = torch.tensor([[2.0, 0.6], [0.6, 0.5]])
@@ -221,9 +227,12 @@ def test_ae_sample_is_images_in_unit_interval():
         assert x.shape == (5, 1, 8, 8) and x.min() >= 0 and x.max() <= 1
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="genexp/models/ae.py: AE.sample draws eps in the default dtype, so a float64 model "
-                          "fails in eps @ scale.T (float != double); remove this marker once fixed")
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="genexp/models/ae.py: AE.sample draws eps in the default dtype, so a float64 model "
+    "fails in eps @ scale.T (float != double); remove this marker once fixed",
+)
 def test_ae_sample_in_float64():
     assert tiny_ae().double().sample(2).dtype == F64
 

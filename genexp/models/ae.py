@@ -85,13 +85,13 @@ class AE(nn.Module):
             loss = F.mse_loss(out, x)
             x_hat = out
         if self.training:
-            self._update_prior(z.detach().float())
+            self._update_prior(z.detach().to(self.prior_mean.dtype))
         with torch.no_grad():
             cov = self.prior_cov + 1e-6 * torch.eye(self.latent_dim, device=z.device)
             logs = {
                 "recon": loss.detach(),
                 "mse": (x_hat.clamp(0, 1) - x).pow(2).mean(),
-                "latent_std": z.std(0).mean(),
+                "latent_std": z.std(0).mean() if z.shape[0] > 1 else torch.zeros((), device=z.device),
                 "prior_kl_to_std_normal": gaussian_kl_full(self.prior_mean, cov),
             }
         return LossOutput(loss, logs)
@@ -103,7 +103,8 @@ class AE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode z ~ N(prior_mean, prior_cov), the Gaussian fitted to training codes: (n, C, H, W)."""
-        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.prior_mean.device)
+        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.prior_mean.device,
+                          dtype=self.prior_mean.dtype)
         eye = torch.eye(self.latent_dim, device=eps.device)
         scale = torch.linalg.cholesky(self.prior_cov + 1e-5 * eye)
         return self.decode(self.prior_mean + eps @ scale.T)
