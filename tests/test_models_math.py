@@ -189,12 +189,6 @@ def test_ae_running_gaussian_fit():
     torch.testing.assert_close(m.prior_cov, cov, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="genexp/models/ae.py: _update_prior casts the codes to float32 (z.detach().float()), so "
-    "in a float64 model the second update's lerp_ fails (double vs float); remove once fixed",
-)
 def test_ae_running_gaussian_fit_in_float64():
     m = tiny_ae().double().train()
     x = torch.rand(4, 1, 8, 8, dtype=F64)
@@ -227,12 +221,6 @@ def test_ae_sample_is_images_in_unit_interval():
         assert x.shape == (5, 1, 8, 8) and x.min() >= 0 and x.max() <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="genexp/models/ae.py: AE.sample draws eps in the default dtype, so a float64 model "
-    "fails in eps @ scale.T (float != double); remove this marker once fixed",
-)
 def test_ae_sample_in_float64():
     assert tiny_ae().double().sample(2).dtype == F64
 
