@@ -33,8 +33,9 @@ def check_int(key: str, value: Any, minimum: int | None = None) -> int:
     return value
 
 
-def check_float(key: str, value: Any, positive: bool = False, minimum: float | None = None,
-                maximum: float | None = None) -> float:
+def check_float(
+    key: str, value: Any, positive: bool = False, minimum: float | None = None, maximum: float | None = None
+) -> float:
     """Return ``float(value)`` if it is a real number in range, else raise :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, value, "must be a number")

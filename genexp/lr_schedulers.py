@@ -17,8 +17,13 @@ from genexp.errors import check_float, check_int
 class WarmupConstant(LRScheduler):
     """Linear warm-up from 0 to the base LR over ``warmup_steps``, then constant."""
 
-    def __init__(self, optimizer: Optimizer, warmup_steps: int = 500, total_steps: int | None = None,
-                 last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 500,
+        total_steps: int | None = None,
+        last_epoch: int = -1,
+    ):
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         self.total_steps = total_steps
         super().__init__(optimizer, last_epoch)
@@ -33,8 +38,14 @@ class WarmupConstant(LRScheduler):
 class WarmupCosine(WarmupConstant):
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` x base LR at ``total_steps``."""
 
-    def __init__(self, optimizer: Optimizer, warmup_steps: int = 500, total_steps: int | None = None,
-                 min_lr_ratio: float = 0.0, last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 500,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ):
         self.min_lr_ratio = check_float("min_lr_ratio", min_lr_ratio, minimum=0.0, maximum=1.0)
         if total_steps is not None:
             check_int("total_steps", total_steps, minimum=1)

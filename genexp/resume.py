@@ -31,7 +31,9 @@ def resolve_checkpoint(value: str, roots: tuple[str, ...] = SEARCH_ROOTS) -> Pat
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
                 return candidate.resolve()
-        raise GenexpError(f"ckpt_path={value}: no checkpoints/last.ckpt in that folder; pass a run dir or a .ckpt file")
+        raise GenexpError(
+            f"ckpt_path={value}: no checkpoints/last.ckpt in that folder; pass a run dir or a .ckpt file"
+        )
     if not path.is_file():
         raise GenexpError(f"ckpt_path={value}: no such file or folder")
     return path.resolve()
@@ -78,7 +80,11 @@ def resume_argv(args: list[str]) -> list[str]:
 
     original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
     new_keys = {override_key(a) for a in rest if "=" in a}
-    replay = [o for o in original
-              if override_key(o) not in new_keys and override_key(o) != "ckpt_path"
-              and not override_key(o).startswith("hydra.")]
+    replay = [
+        o
+        for o in original
+        if override_key(o) not in new_keys
+        and override_key(o) != "ckpt_path"
+        and not override_key(o).startswith("hydra.")
+    ]
     return replay + rest + out + [f"hydra.run.dir={quote(str(run_dir))}"]

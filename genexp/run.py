@@ -22,7 +22,6 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.lit.callbacks import EpochSummary, Throughput
-from genexp.lit.datamodule import DataModule
 from genexp.lit.loggers import finish_wandb, prepare_wandb_kwargs
 from genexp.lit.module import GenerativeModule
 
@@ -43,6 +42,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is an invalid version and will not be supported.*")
+
 
 ALLOWED_TARGET_PREFIXES = ("genexp.", "torch.optim.", "pytorch_lightning.")
 
@@ -103,7 +103,9 @@ def load_checkpoint_meta(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle refused by weights_only, not a checkpoint at all
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GenexpError(f"ckpt_path={path}: cannot load it safely as a checkpoint ({first[:200]})") from None
+        raise GenexpError(
+            f"ckpt_path={path}: cannot load it safely as a checkpoint ({first[:200]})"
+        ) from None
     if not isinstance(ckpt, dict) or "genexp" not in ckpt or "state_dict" not in ckpt:
         raise GenexpError(f"ckpt_path={path}: not a genexp checkpoint (no genexp section)")
     return ckpt["genexp"]
@@ -176,8 +178,9 @@ def train(cfg: DictConfig) -> dict:
 
     config = plain_config(cfg)
     module = GenerativeModule(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
-    callbacks: list[pl.Callback] = [instantiate(node, f"callbacks.{name}")
-                                    for name, node in (cfg.get("callbacks") or {}).items() if node]
+    callbacks: list[pl.Callback] = [
+        instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
+    ]
     throughput = Throughput()
     callbacks += [throughput, EpochSummary()]
     tty = sys.stdout.isatty()
@@ -190,21 +193,32 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(config)
         if type(logger).__name__ == "WandbLogger":
             module.wandb_id = getattr(logger, "version", None)
-    trainer: pl.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger,
-                                      enable_progress_bar=tty)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=logger, enable_progress_bar=tty
+    )
 
     num_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters; data %s %dx%dx%d; output %s", type(model).__name__, num_params / 1e6,
-             type(dataset).__name__, dataset.channels, dataset.image_size, dataset.image_size, output_dir)
+    log.info(
+        "model %s: %.2fM parameters; data %s %dx%dx%d; output %s",
+        type(model).__name__,
+        num_params / 1e6,
+        type(dataset).__name__,
+        dataset.channels,
+        dataset.image_size,
+        dataset.image_size,
+        output_dir,
+    )
     fit_start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                    weights_only=True)
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+        )
         fit_time = time.perf_counter() - fit_start
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True,
-                            verbose=False)
+        test = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False
+        )
     finally:
         if logger and type(logger).__name__ == "WandbLogger":
             finish_wandb(logger)
@@ -224,7 +238,12 @@ def train(cfg: DictConfig) -> dict:
     }
     write_json(output_dir / "metrics.json", metrics)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics["test"].items() if isinstance(v, float))
-    log.info("test: %s | %d steps in %.1fs (%.0f img/s) | %s", summary, trainer.global_step, fit_time,
-             throughput.img_per_sec, output_dir / "metrics.json")
+    log.info(
+        "test: %s | %d steps in %.1fs (%.0f img/s) | %s",
+        summary,
+        trainer.global_step,
+        fit_time,
+        throughput.img_per_sec,
+        output_dir / "metrics.json",
+    )
     return metrics
-

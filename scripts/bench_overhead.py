@@ -14,7 +14,7 @@ genexp side is the ``train_img_per_sec`` that ``train()`` returns). Runs alterna
 plain, ...) ``--repeats`` times in one process and the table reports medians. Target: ratio <= 1.10.
 
     python scripts/bench_overhead.py [--model vae|ae] [--batch-size 128] [--epochs 3] [--threads N]
-                                     [--repeats 3] [--json PATH]
+                                     [--repeats 3] [--json PATH] [key=value ...]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def compose_cfg(args: argparse.Namespace, output_dir: str):
         "accelerator=cpu", "logger=none", "callbacks=none",
         "+trainer.enable_checkpointing=false",  # callbacks=none alone still gets Lightning's default checkpoint
         "trainer.limit_val_batches=0", "trainer.limit_test_batches=1", f"paths.output_dir={output_dir}",
+        *args.overrides,
     ]
     with initialize_config_module(config_module="genexp.configs", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating plain/genexp pairs")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both sides (model.base_channels=8)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +154,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "ratio": ratio, "ratio_incl_warmup": ratio_all, "target": TARGET, "ms_per_step": ms,
             "img_per_sec": med, "runs_img_per_sec": rows, "model": args.model, "batch_size": args.batch_size,
-            "epochs": args.epochs, "warmup_epochs": skip, "repeats": args.repeats,
+            "epochs": args.epochs, "warmup_epochs": skip, "repeats": args.repeats, "overrides": args.overrides,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "command": command,
         }, indent=2) + "\n")
 

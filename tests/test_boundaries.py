@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-PURE = ["genexp.models", "genexp.nets", "genexp.metrics", "genexp.data", "genexp.lr_schedulers",
-        "genexp.errors", "genexp.resume"]
+PURE = [
+    "genexp.models",
+    "genexp.nets",
+    "genexp.metrics",
+    "genexp.data",
+    "genexp.lr_schedulers",
+    "genexp.errors",
+    "genexp.resume",
+]
 FORBIDDEN = ("pytorch_lightning", "lightning", "hydra", "omegaconf")
 PACKAGE = Path(__file__).resolve().parents[1] / "genexp"
 
@@ -30,13 +37,17 @@ def test_pure_packages_import_no_lightning_hydra_omegaconf(package):
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "", f"{package} pulls in {out}"
 
 
 def test_cli_imports_no_torch_at_module_top():
     code = "import sys, genexp.cli; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "False"
 
 
@@ -44,6 +55,8 @@ def test_every_subpackage_is_declared_for_installation():
     """pyproject lists packages explicitly (configs/ is mapped in): a new folder must be added."""
     tomllib = pytest.importorskip("tomllib")
 
-    declared = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    declared = set(
+        tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = {"genexp"} | {"genexp." + p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert found | {"genexp.configs"} == declared

@@ -19,7 +19,9 @@ GENEXP = shutil.which("genexp", path=str(Path(sys.executable).parent)) or "genex
 def genexp(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)  # users see one line; CI sets it for its own runs
-    return subprocess.run([GENEXP, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [GENEXP, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_commands_groups_and_options(tmp_path):
@@ -65,8 +67,15 @@ def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
 
 def test_experiment_recipe_with_csv_logger(tmp_path):
     run = tmp_path / "run"
-    out = genexp("train", "experiment=vae_mnist5k", *TINY[1:], "logger=csv", "dataset=synthetic",
-                 f"hydra.run.dir={run}", cwd=tmp_path)
+    out = genexp(
+        "train",
+        "experiment=vae_mnist5k",
+        *TINY[1:],
+        "logger=csv",
+        "dataset=synthetic",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert (run / "csv" / "metrics.csv").is_file()
     assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["model"]["kl_warmup_steps"] == 300
@@ -85,8 +94,16 @@ def test_image_folder_dataset_trains(tmp_path):
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     run = tmp_path / "run"
     no_data = [o for o in TINY if not o.startswith("dataset")]
-    out = genexp("train", *no_data, "dataset=image_folder", f"dataset.root={tmp_path / 'imgs'}", "dataset.image_size=16",
-                 "data.batch_size=4", f"hydra.run.dir={run}", cwd=tmp_path)
+    out = genexp(
+        "train",
+        *no_data,
+        "dataset=image_folder",
+        f"dataset.root={tmp_path / 'imgs'}",
+        "dataset.image_size=16",
+        "data.batch_size=4",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads((run / "metrics.json").read_text())["dataset"] == "ImageFolder"
 
@@ -98,7 +115,10 @@ BAD_INPUTS = [
     (["model.latnt_dim=3"], "Key 'latnt_dim' is not in struct"),
     (["model.latent_dim=abc"], "model.latent_dim='abc': must be an integer"),
     (["optimizer.lr=-1e-3"], "optimizer.lr=-0.001: must be > 0"),
-    (["dataset=image_folder", "dataset.root=/nonexistent/imgs"], "dataset.root=/nonexistent/imgs: no such folder"),
+    (
+        ["dataset=image_folder", "dataset.root=/nonexistent/imgs"],
+        "dataset.root=/nonexistent/imgs: no such folder",
+    ),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt: no such file or folder"),
     (["ckpt_path=latest"], "ckpt_path=latest: no checkpoints/last.ckpt under outputs/"),
     (["model._target_=os.system"], "model._target_=os.system: not allowed"),
@@ -116,7 +136,9 @@ def test_bad_input_gives_one_line_error_without_traceback(args, message, tmp_pat
 
 def test_empty_image_folder_and_unknown_command(tmp_path):
     (tmp_path / "empty").mkdir()
-    out = genexp("train", "dataset=image_folder", f"dataset.root={tmp_path / 'empty'}", "logger=none", cwd=tmp_path)
+    out = genexp(
+        "train", "dataset=image_folder", f"dataset.root={tmp_path / 'empty'}", "logger=none", cwd=tmp_path
+    )
     assert out.returncode == 2 and "no images found" in out.stderr and "Traceback" not in out.stderr
     out = genexp("trian", cwd=tmp_path)
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr

@@ -15,8 +15,18 @@ from genexp.errors import GenexpError
 from genexp.lit.datamodule import DataModule
 from genexp.run import check_targets, instantiate
 
-GROUPS = ["model", "dataset", "optimizer", "lr_scheduler", "accelerator", "logger", "callbacks", "trainer",
-          "paths", "experiment"]
+GROUPS = [
+    "model",
+    "dataset",
+    "optimizer",
+    "lr_scheduler",
+    "accelerator",
+    "logger",
+    "callbacks",
+    "trainer",
+    "paths",
+    "experiment",
+]
 
 
 def test_every_group_has_options():
@@ -42,7 +52,9 @@ def test_yaml_keys_are_constructor_arguments(tmp_path):
 
     for group in ["model", "dataset", "optimizer", "lr_scheduler", "logger"]:
         for option in group_options(group):
-            overrides = [f"{group}={option}"] + (["dataset.root=" + str(tmp_path)] if option == "image_folder" else [])
+            overrides = [f"{group}={option}"] + (
+                ["dataset.root=" + str(tmp_path)] if option == "image_folder" else []
+            )
             node = compose_cfg(overrides, tmp_path).get(group)
             if not node:
                 continue
@@ -56,7 +68,9 @@ def test_yaml_keys_are_constructor_arguments(tmp_path):
             for key in node:
                 if key.startswith("_"):
                     continue
-                assert key in params or accepts_kwargs, f"{group}/{option}.yaml: {key} is not an argument of {target}"
+                assert key in params or accepts_kwargs, (
+                    f"{group}/{option}.yaml: {key} is not an argument of {target}"
+                )
 
 
 @pytest.mark.parametrize("option", group_options("model"))
@@ -160,8 +174,9 @@ def test_instantiate_refuses_targets_outside_the_allow_list(target, tmp_path):
     node = OmegaConf.create({"_target_": target, "_args_": [f"touch {marker}"]})
     with pytest.raises(GenexpError, match="not allowed"):
         instantiate(node, "model")
-    nested = OmegaConf.create({"_target_": "genexp.models.ae.AE", "image_size": 16, "channels": 1,
-                               "inner": {"_target_": target}})
+    nested = OmegaConf.create(
+        {"_target_": "genexp.models.ae.AE", "image_size": 16, "channels": 1, "inner": {"_target_": target}}
+    )
     with pytest.raises(GenexpError, match=r"model\.inner\._target_"):
         check_targets(nested, "model")
     assert not marker.exists()

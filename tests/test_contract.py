@@ -15,7 +15,9 @@ FAMILIES = group_options("model")
 
 
 def build(option: str, tmp_path):
-    cfg = compose_cfg([f"model={option}", "dataset=synthetic", "model.base_channels=8", "model.latent_dim=4"], tmp_path)
+    cfg = compose_cfg(
+        [f"model={option}", "dataset=synthetic", "model.base_channels=8", "model.latent_dim=4"], tmp_path
+    )
     torch.manual_seed(0)
     return instantiate(cfg.model, "model"), cfg
 

@@ -30,7 +30,10 @@ def test_resolve_run_dir_checkpoint_dir_file_and_latest(tmp_path, monkeypatch):
     new = make_run(tmp_path / "multirun" / "2026", "0-vae-mnist5k", ["model=vae"], age=1)
     assert resolve_checkpoint(str(old)) == (old / "checkpoints" / "last.ckpt").resolve()
     assert resolve_checkpoint(str(old / "checkpoints")) == (old / "checkpoints" / "last.ckpt").resolve()
-    assert resolve_checkpoint(str(old / "checkpoints" / "last.ckpt")) == (old / "checkpoints" / "last.ckpt").resolve()
+    assert (
+        resolve_checkpoint(str(old / "checkpoints" / "last.ckpt"))
+        == (old / "checkpoints" / "last.ckpt").resolve()
+    )
     assert resolve_checkpoint("latest") == (new / "checkpoints" / "last.ckpt").resolve()
     assert run_dir_of(resolve_checkpoint(str(new))) == new.resolve()
 
@@ -47,11 +50,20 @@ def test_resolve_errors_name_the_value(tmp_path, monkeypatch):
 
 
 def test_resume_argv_replays_the_run_and_lets_new_overrides_win(tmp_path):
-    run = make_run(tmp_path, "run", ["model=ae", "trainer.max_epochs=5", "logger=csv", "hydra.job.name=x",
-                                     "ckpt_path=/old.ckpt"])
+    run = make_run(
+        tmp_path,
+        "run",
+        ["model=ae", "trainer.max_epochs=5", "logger=csv", "hydra.job.name=x", "ckpt_path=/old.ckpt"],
+    )
     args = resume_argv([f"ckpt_path={run}", "trainer.max_epochs=9"])
     ckpt = (run / "checkpoints" / "last.ckpt").resolve()
-    assert args == ["model=ae", "logger=csv", "trainer.max_epochs=9", f"ckpt_path={ckpt}", f"hydra.run.dir={run.resolve()}"]
+    assert args == [
+        "model=ae",
+        "logger=csv",
+        "trainer.max_epochs=9",
+        f"ckpt_path={ckpt}",
+        f"hydra.run.dir={run.resolve()}",
+    ]
 
 
 def test_resume_argv_leaves_other_commands_alone(tmp_path):

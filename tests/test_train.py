@@ -27,7 +27,9 @@ def test_a_few_steps_per_family_write_every_output(option, tiny_cfg, tmp_path):
     assert metrics["global_step"] == 3
     saved = read_json(run / "metrics.json")
     assert saved["global_step"] == 3 and saved["num_parameters"] > 0 and saved["train_img_per_sec"] > 0
-    assert saved["wall_time_s"] > 0 and saved["test"]["test/loss"] == pytest.approx(metrics["test"]["test/loss"])
+    assert saved["wall_time_s"] > 0 and saved["test"]["test/loss"] == pytest.approx(
+        metrics["test"]["test/loss"]
+    )
     assert all(k.startswith("test/") for k in saved["test"])
     for name in ("last.ckpt", "best.ckpt"):
         ckpt = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
@@ -52,7 +54,9 @@ def test_resume_continues_step_count_and_metrics(tiny_cfg, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
     assert int(state["state_dict"]["model.num_steps"]) == 3
-    second = train(tiny_cfg("model=vae", "logger=csv", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run'}"))
+    second = train(
+        tiny_cfg("model=vae", "logger=csv", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run'}")
+    )
     assert second["global_step"] == 6 and second["epochs"] == 2
     state = torch.load(ckpt, weights_only=True)
     assert int(state["state_dict"]["model.num_steps"]) == 6  # the model's own counter resumed too
@@ -106,7 +110,10 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tiny_cfg, tmp_path):
         ("model.latent_dim=0", r"model\.latent_dim=0: must be >= 1"),
         ("model.latent_dim=abc", r"model\.latent_dim='abc': must be an integer"),
         ("model.beta=-1", r"model\.beta=-1\.?0?: must be >= 0"),
-        ("model.likelihood=gauss", r"model\.likelihood='gauss': must be one of bernoulli, discretized_logistic"),
+        (
+            "model.likelihood=gauss",
+            r"model\.likelihood='gauss': must be one of bernoulli, discretized_logistic",
+        ),
         ("dataset.image_size=30", r"model\.image_size=30: the conv nets need a multiple of 4"),
         ("data.batch_size=0", r"data\.batch_size=0: must be >= 1"),
         ("trainer.max_epochs=many", r"trainer\.max_epochs='many': must be an integer"),
@@ -156,6 +163,8 @@ def test_wandb_offline_run_holds_the_logged_images_and_config(tiny_cfg, tmp_path
     first_id = runs[0].name.rsplit("-", 1)[1]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["genexp"]["wandb_id"] == first_id
-    train(tiny_cfg("logger=wandb", "logger.name=test", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run'}"))
+    train(
+        tiny_cfg("logger=wandb", "logger.name=test", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run'}")
+    )
     ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}
     assert ids == {first_id}

@@ -103,13 +103,16 @@ def resize_square(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.T
         return images.contiguous()
     out = []
     for part in images.split(chunk):
-        resized = F.interpolate(part.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        resized = F.interpolate(
+            part.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         out.append(resized.round().clamp(0, 255).to(torch.uint8))
     return torch.cat(out)
 
 
-def random_split(images: torch.Tensor, labels: torch.Tensor | None, sizes: tuple[int, ...],
-                 seed: int) -> list[ImageTensorDataset]:
+def random_split(
+    images: torch.Tensor, labels: torch.Tensor | None, sizes: tuple[int, ...], seed: int
+) -> list[ImageTensorDataset]:
     """Split into consecutive parts of ``sizes`` after a seeded permutation (same split every run)."""
     if sum(sizes) > len(images):
         raise ValueError(f"split sizes {sizes} exceed the {len(images)} images")

@@ -46,8 +46,16 @@ class ImageFolder(ImageSource):
         cache_dir: where decoded tensors are cached (null: no cache).
     """
 
-    def __init__(self, root: str, image_size: int = 64, channels: int = 3, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, split_seed: int = 0, cache_dir: str | None = None):
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 64,
+        channels: int = 3,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_seed: int = 0,
+        cache_dir: str | None = None,
+    ):
         super().__init__(image_size, channels)
         if not root or str(root) in ("???", "None"):
             raise ConfigError("root", root, "set dataset.root to a folder of images")
@@ -59,7 +67,9 @@ class ImageFolder(ImageSource):
 
     def files(self) -> list[Path]:
         if not self.root.is_dir():
-            raise GenexpError(f"dataset.root={self.root}: no such folder; point dataset.root at a folder of images")
+            raise GenexpError(
+                f"dataset.root={self.root}: no such folder; point dataset.root at a folder of images"
+            )
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
         if not files:
             raise GenexpError(
@@ -113,5 +123,7 @@ class ImageFolder(ImageSource):
         n_val = max(1, round(n * self.val_fraction))
         n_test = max(1, round(n * self.test_fraction))
         if n - n_val - n_test < 1:
-            raise GenexpError(f"dataset.root={self.root}: only {n} readable image(s); need at least 3 for train/val/test")
+            raise GenexpError(
+                f"dataset.root={self.root}: only {n} readable image(s); need at least 3 for train/val/test"
+            )
         return Splits(*random_split(images, labels, (n - n_val - n_test, n_val, n_test), self.split_seed))

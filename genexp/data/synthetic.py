@@ -18,12 +18,14 @@ def draw_shapes(n: int, image_size: int, channels: int, num_classes: int, genera
     dy = yy[None] - centre[:, 0, None, None]  # (n, s, s)
     dx = xx[None] - centre[:, 1, None, None]
     r = radius[:, None, None]
-    masks = torch.stack([
-        (dy.abs() <= r) & (dx.abs() <= r),
-        dy.pow(2) + dx.pow(2) <= r.pow(2),
-        ((dy.abs() <= r / 3) & (dx.abs() <= r)) | ((dx.abs() <= r / 3) & (dy.abs() <= r)),
-        (torch.remainder(yy[None] + centre[:, :1, None], 4) < 2) & (dx.abs() <= r),
-    ])  # (4, n, s, s)
+    masks = torch.stack(
+        [
+            (dy.abs() <= r) & (dx.abs() <= r),
+            dy.pow(2) + dx.pow(2) <= r.pow(2),
+            ((dy.abs() <= r / 3) & (dx.abs() <= r)) | ((dx.abs() <= r / 3) & (dy.abs() <= r)),
+            (torch.remainder(yy[None] + centre[:, :1, None], 4) < 2) & (dx.abs() <= r),
+        ]
+    )  # (4, n, s, s)
     mask = masks[labels % 4, torch.arange(n)]  # (n, s, s)
     colour = torch.rand(n, channels, generator=generator) * 0.6 + 0.4  # (n, C)
     images = mask[:, None].float() * colour[:, :, None, None]
@@ -40,8 +42,15 @@ class Synthetic(ImageSource):
         seed: seed of the images and the split.
     """
 
-    def __init__(self, num_images: int = 1024, image_size: int = 16, channels: int = 1, num_classes: int = 4,
-                 seed: int = 0, val_fraction: float = 0.1):
+    def __init__(
+        self,
+        num_images: int = 1024,
+        image_size: int = 16,
+        channels: int = 1,
+        num_classes: int = 4,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+    ):
         super().__init__(image_size, channels)
         self.num_images = check_int("num_images", num_images, minimum=10)
         self.num_classes = check_int("num_classes", num_classes, minimum=1)

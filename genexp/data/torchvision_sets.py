@@ -31,8 +31,15 @@ class TorchvisionSource(ImageSource):
     native_size = 28
     native_channels = 1
 
-    def __init__(self, root: str = "~/.cache/genexp/data", download: bool = False, image_size: int | None = None,
-                 channels: int | None = None, val_size: int = 5000, split_seed: int = 0):
+    def __init__(
+        self,
+        root: str = "~/.cache/genexp/data",
+        download: bool = False,
+        image_size: int | None = None,
+        channels: int | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+    ):
         super().__init__(image_size or self.native_size, channels or self.native_channels)
         self.root = Path(str(root)).expanduser()
         if not isinstance(download, bool):
@@ -69,7 +76,9 @@ class TorchvisionSource(ImageSource):
         test_images, test_labels = self._tensors(self._open(self.torchvision_class(), train=False))
         n_train = len(train_images) - self.val_size
         if n_train < 1:
-            raise GenexpError(f"dataset.val_size={self.val_size}: must leave training images (have {len(train_images)})")
+            raise GenexpError(
+                f"dataset.val_size={self.val_size}: must leave training images (have {len(train_images)})"
+            )
         train, val = random_split(train_images, train_labels, (n_train, self.val_size), self.split_seed)
         return Splits(train, val, ImageTensorDataset(test_images, test_labels))
 

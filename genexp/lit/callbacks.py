@@ -68,8 +68,14 @@ class SampleGrid(pl.Callback):
         latent_points: validation images encoded for the scatter plot (0: off).
     """
 
-    def __init__(self, dirpath: str, every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0,
-                 latent_points: int = 1000):
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_epochs: int = 1,
+        num_samples: int = 64,
+        seed: int = 0,
+        latent_points: int = 1000,
+    ):
         self.dirpath = Path(dirpath)
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=0)
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
@@ -176,9 +182,18 @@ class EpochSummary(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
         parts = [f"train/loss {self._loss_sum / max(self._batches, 1):.4g}"]
-        parts += [f"{k} {float(v):.4g}" for k, v in sorted(metrics.items())
-                  if k.startswith("val/") and v.numel() == 1]
+        parts += [
+            f"{k} {float(v):.4g}"
+            for k, v in sorted(metrics.items())
+            if k.startswith("val/") and v.numel() == 1
+        ]
         elapsed = time.perf_counter() - self._start
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
-        log.info("epoch %d/%s (step %d, %.1fs) | %s", trainer.current_epoch + 1, max_epochs, trainer.global_step,
-                 elapsed, " | ".join(parts))
+        log.info(
+            "epoch %d/%s (step %d, %.1fs) | %s",
+            trainer.current_epoch + 1,
+            max_epochs,
+            trainer.global_step,
+            elapsed,
+            " | ".join(parts),
+        )

@@ -19,7 +19,9 @@ class DataModule(pl.LightningDataModule):
         num_workers, pin_memory: DataLoader settings (0 workers suits in-memory data).
     """
 
-    def __init__(self, dataset: ImageSource, batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self, dataset: ImageSource, batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False
+    ):
         super().__init__()
         self.dataset = dataset
         self.batch_size = check_int("batch_size", batch_size, minimum=1)

@@ -22,8 +22,13 @@ class GenerativeModule(pl.LightningModule):
     config: the resolved run config as plain containers, stored in every checkpoint.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        config: dict | None = None,
+    ):
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
@@ -37,17 +42,36 @@ class GenerativeModule(pl.LightningModule):
         # train: per-step curves under plain keys (train/loss); val/test: epoch means over all ranks
         on_step = stage == "train"
         sync = stage != "train"
-        self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
-                 sync_dist=sync, batch_size=x.shape[0])
+        self.log(
+            f"{stage}/loss",
+            out.loss.detach(),
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=not on_step,
+            sync_dist=sync,
+            batch_size=x.shape[0],
+        )
         has_nll = stage != "train" and hasattr(self.model, "nll_bpd")
         for name, value in out.logs.items():
             if has_nll and name == "bpd":  # the family's own bound below replaces the training estimate
                 continue
-            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=sync,
-                     batch_size=x.shape[0])
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_step=on_step,
+                on_epoch=not on_step,
+                sync_dist=sync,
+                batch_size=x.shape[0],
+            )
         if has_nll:
-            self.log(f"{stage}/bpd", self.model.nll_bpd(x).mean(), on_epoch=True, sync_dist=True,
-                     batch_size=x.shape[0], prog_bar=stage == "val")
+            self.log(
+                f"{stage}/bpd",
+                self.model.nll_bpd(x).mean(),
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=x.shape[0],
+                prog_bar=stage == "val",
+            )
         return out.loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -37,8 +37,15 @@ class AE(nn.Module):
         prior_momentum: update rate of the running Gaussian fit to the training codes.
     """
 
-    def __init__(self, image_size: int, channels: int, latent_dim: int = 16, base_channels: int = 32,
-                 reconstruction: str = "mse", prior_momentum: float = 0.05):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        latent_dim: int = 16,
+        base_channels: int = 32,
+        reconstruction: str = "mse",
+        prior_momentum: float = 0.05,
+    ):
         super().__init__()
         self.latent_dim = check_int("latent_dim", latent_dim, minimum=1)
         self.channels = check_int("channels", channels, minimum=1)
@@ -103,8 +110,13 @@ class AE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode z ~ N(prior_mean, prior_cov), the Gaussian fitted to training codes: (n, C, H, W)."""
-        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.prior_mean.device,
-                          dtype=self.prior_mean.dtype)
+        eps = torch.randn(
+            n,
+            self.latent_dim,
+            generator=generator,
+            device=self.prior_mean.device,
+            dtype=self.prior_mean.dtype,
+        )
         eye = torch.eye(self.latent_dim, device=eps.device)
         scale = torch.linalg.cholesky(self.prior_cov + 1e-5 * eye)
         return self.decode(self.prior_mean + eps @ scale.T)

@@ -16,4 +16,3 @@ class LossOutput(NamedTuple):
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]
-

@@ -45,9 +45,17 @@ class VAE(nn.Module):
         nll_samples: importance samples for the ``nll_bpd`` bound (1: the ELBO).
     """
 
-    def __init__(self, image_size: int, channels: int, latent_dim: int = 16, base_channels: int = 32,
-                 beta: float = 1.0, kl_warmup_steps: int = 0, likelihood: str = "bernoulli",
-                 nll_samples: int = 1):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        latent_dim: int = 16,
+        base_channels: int = 32,
+        beta: float = 1.0,
+        kl_warmup_steps: int = 0,
+        likelihood: str = "bernoulli",
+        nll_samples: int = 1,
+    ):
         super().__init__()
         self.latent_dim = check_int("latent_dim", latent_dim, minimum=1)
         self.channels = check_int("channels", channels, minimum=1)
@@ -57,8 +65,9 @@ class VAE(nn.Module):
         self.nll_samples = check_int("nll_samples", nll_samples, minimum=1)
         self.likelihood = LIKELIHOODS[check_choice("likelihood", likelihood, list(LIKELIHOODS))]()
         self.encoder = ConvEncoder(channels, image_size, 2 * latent_dim, base_channels)
-        self.decoder = ConvDecoder(latent_dim, image_size, channels * self.likelihood.params_per_channel,
-                                   base_channels)
+        self.decoder = ConvDecoder(
+            latent_dim, image_size, channels * self.likelihood.params_per_channel, base_channels
+        )
         # training steps seen, for the KL warm-up; a buffer so it is checkpointed and resumed
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
 
@@ -111,8 +120,11 @@ class VAE(nn.Module):
         for _ in range(self.nll_samples):  # log w = log p(x|z) + log p(z) - log q(z|x)
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             log_pmf = self.likelihood.log_pmf(self.decoder(z), x).flatten(1).sum(1)
-            log_w.append(log_pmf + _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-                         - _log_normal(z, mu, logvar))
+            log_w.append(
+                log_pmf
+                + _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+                - _log_normal(z, mu, logvar)
+            )
         log_px = torch.logsumexp(torch.stack(log_w), dim=0) - math.log(self.nll_samples)
         return nats_to_bpd(-log_px, self.num_dims)
 

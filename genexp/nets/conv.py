@@ -24,7 +24,9 @@ def conv_plan(image_size: int, base_channels: int) -> tuple[list[int], int]:
     check_int("image_size", image_size, minimum=1)
     check_int("base_channels", base_channels, minimum=1)
     if image_size < 8 or image_size % 4:
-        raise ConfigError("image_size", image_size, "the conv nets need a multiple of 4 that is >= 8 (e.g. 28, 32, 64)")
+        raise ConfigError(
+            "image_size", image_size, "the conv nets need a multiple of 4 that is >= 8 (e.g. 28, 32, 64)"
+        )
     widths, size = [base_channels], image_size
     while size % 2 == 0 and size > 8 and len(widths) <= MAX_DOWNSAMPLES:
         size //= 2
