@@ -154,3 +154,14 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert len(list((run / "csv").glob("metrics.csv"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no second run dir from the child process"
+
+
+def test_user_config_groups_through_searchpath(tmp_path):
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "wide_vae.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /model/vae@_here_\n  - _self_\nmodel:\n  base_channels: 64\n"
+    )
+    out = genexp("train", "--cfg", "job", f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "model=wide_vae", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["model"]["_target_"] == "genexp.models.vae.VAE" and cfg["model"]["base_channels"] == 64
