@@ -161,7 +161,14 @@ def test_user_config_groups_through_searchpath(tmp_path):
     (tmp_path / "mine" / "model" / "wide_vae.yaml").write_text(
         "# @package _global_\ndefaults:\n  - /model/vae@_here_\n  - _self_\nmodel:\n  base_channels: 64\n"
     )
-    out = genexp("train", "--cfg", "job", f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "model=wide_vae", cwd=tmp_path)
+    out = genexp(
+        "train",
+        "--cfg",
+        "job",
+        f"hydra.searchpath=[file://{tmp_path / 'mine'}]",
+        "model=wide_vae",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["model"]["_target_"] == "genexp.models.vae.VAE" and cfg["model"]["base_channels"] == 64

@@ -168,3 +168,27 @@ def test_wandb_offline_run_holds_the_logged_images_and_config(tiny_cfg, tmp_path
     )
     ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}
     assert ids == {first_id}
+
+
+def test_progress_bar_in_a_terminal_plain_lines_otherwise(tiny_cfg, capsys, caplog, monkeypatch):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="genexp")
+    train(tiny_cfg())
+    assert "Epoch 0" not in capsys.readouterr().out
+    assert any("epoch 1/1 (step 3" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    train(tiny_cfg())
+    assert "Epoch 0" in capsys.readouterr().out
+    train(tiny_cfg("trainer.enable_progress_bar=false"))
+    assert "Epoch 0" not in capsys.readouterr().out
+
+
+def test_callbacks_none_writes_no_checkpoints(tmp_path):
+    from conftest import TINY, compose_cfg
+
+    overrides = [o for o in TINY if not o.startswith("callbacks.")] + ["callbacks=none"]
+    metrics = train(compose_cfg(overrides, tmp_path / "run"))
+    assert metrics["best_checkpoint"] is None
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert (tmp_path / "run" / "metrics.json").is_file()

@@ -175,13 +175,13 @@ class EpochSummary(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self._loss_sum += float(loss.detach())
+            self._loss_sum = self._loss_sum + loss.detach()  # stays on the device: no sync per step
             self._batches += 1
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
-        parts = [f"train/loss {self._loss_sum / max(self._batches, 1):.4g}"]
+        parts = [f"train/loss {float(self._loss_sum) / max(self._batches, 1):.4g}"]
         parts += [
             f"{k} {float(v):.4g}"
             for k, v in sorted(metrics.items())

@@ -36,48 +36,47 @@ class GenerativeModule(pl.LightningModule):
         self.config = config or {}
         self.wandb_id: str | None = None
 
+    def _writes_logs(self) -> bool:
+        """Whether Lightning writes step logs after this training step (every log_every_n_steps).
+
+        Each ``self.log`` call costs ~0.4 ms on CPU; a step-only value logged on other steps is
+        never written, so only the progress-bar loss is logged every step.
+        """
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         out = self.model.loss(x, y)
-        # train: per-step curves under plain keys (train/loss); val/test: epoch means over all ranks
-        on_step = stage == "train"
-        sync = stage != "train"
-        self.log(
-            f"{stage}/loss",
-            out.loss.detach(),
-            prog_bar=True,
-            on_step=on_step,
-            on_epoch=not on_step,
-            sync_dist=sync,
-            batch_size=x.shape[0],
-        )
-        has_nll = stage != "train" and hasattr(self.model, "nll_bpd")
-        for name, value in out.logs.items():
-            if has_nll and name == "bpd":  # the family's own bound below replaces the training estimate
-                continue
+        n = x.shape[0]
+        if stage == "train":  # per-step curves under plain keys (train/loss)
             self.log(
-                f"{stage}/{name}",
-                value,
-                on_step=on_step,
-                on_epoch=not on_step,
-                sync_dist=sync,
-                batch_size=x.shape[0],
+                "train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
             )
+            if self._writes_logs():
+                for name, value in out.logs.items():
+                    self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=n)
+                self.log(
+                    "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False
+                )
+            return out.loss
+        # val/test: epoch means over all ranks; a family's own likelihood bound replaces the estimate
+        has_nll = hasattr(self.model, "nll_bpd")
+        self.log(f"{stage}/loss", out.loss, prog_bar=stage == "val", sync_dist=True, batch_size=n)
+        for name, value in out.logs.items():
+            if not (has_nll and name == "bpd"):
+                self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=n)
         if has_nll:
             self.log(
                 f"{stage}/bpd",
                 self.model.nll_bpd(x).mean(),
-                on_epoch=True,
                 sync_dist=True,
-                batch_size=x.shape[0],
+                batch_size=n,
                 prog_bar=stage == "val",
             )
         return out.loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

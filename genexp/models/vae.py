@@ -104,7 +104,7 @@ class VAE(nn.Module):
                 "bpd": nats_to_bpd(-(log_pmf - kl), self.num_dims).mean(),
                 "mse": (self.likelihood.mean(out) - x).pow(2).mean(),
             }
-            if self.training:
+            if self.training and self.kl_warmup_steps:
                 logs["beta"] = torch.tensor(beta)
         return LossOutput(loss, logs)
 
