@@ -58,7 +58,7 @@ class EpochThroughput(Throughput):
 
 def compose_cfg(args: argparse.Namespace, output_dir: str):
     # callbacks=none drops checkpoints and sample grids, but Lightning then adds its default checkpoint
-    base = "accelerator=cpu logger=none callbacks=none +trainer.enable_checkpointing=false"
+    base = "accelerator=cpu logger=none callbacks=none"
     overrides = [
         *base.split(),
         *"trainer.limit_val_batches=0 trainer.limit_test_batches=1".split(),

@@ -115,7 +115,10 @@ def test_vae_warmup_step_count_is_checkpointed():
 
 def test_vae_without_warmup_uses_beta_from_step_zero():
     m = tiny_vae(beta=0.5).train()
-    assert m.loss(binary_images(2)).logs["beta"].item() == 0.5
+    assert m.current_beta() == 0.5
+    out = m.loss(binary_images(2))
+    assert "beta" not in out.logs  # constant: not logged every step
+    torch.testing.assert_close(out.loss, out.logs["recon"] + 0.5 * out.logs["kl"])
 
 
 @pytest.mark.parametrize("nll_samples", [1, 8])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genexp.errors import check_choice, check_float, check_int
-from genexp.models.base import LossOutput
+from genexp.models.base import LossOutput, upcast
 from genexp.nets.conv import ConvDecoder, ConvEncoder
 
 RECONSTRUCTIONS = ("mse", "bce")
@@ -72,8 +72,10 @@ class AE(nn.Module):
     def _update_prior(self, z: torch.Tensor) -> None:
         if z.shape[0] < 2:
             return
-        mean = z.mean(0)
-        cov = torch.cov(z.T).reshape(self.latent_dim, self.latent_dim)
+        with torch.autocast(z.device.type, enabled=False):  # statistics in the buffers' precision
+            z = z.to(self.prior_mean.dtype)
+            mean = z.mean(0)
+            cov = torch.cov(z.T).reshape(self.latent_dim, self.latent_dim)
         if not bool(self.prior_fitted):
             self.prior_mean.copy_(mean)
             self.prior_cov.copy_(cov)
@@ -84,7 +86,7 @@ class AE(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput:
         z = self.encode(x)
-        out = self.decoder(z)
+        out = upcast(self.decoder(z))  # the loss in float32 under mixed precision
         if self.reconstruction == "bce":
             loss = F.binary_cross_entropy_with_logits(out, x)
             x_hat = torch.sigmoid(out)
@@ -92,8 +94,8 @@ class AE(nn.Module):
             loss = F.mse_loss(out, x)
             x_hat = out
         if self.training:
-            self._update_prior(z.detach().to(self.prior_mean.dtype))
-        with torch.no_grad():
+            self._update_prior(z.detach())
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
             cov = self.prior_cov + 1e-6 * torch.eye(self.latent_dim, device=z.device)
             logs = {
                 "recon": loss.detach(),

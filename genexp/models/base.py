@@ -16,3 +16,8 @@ class LossOutput(NamedTuple):
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations (under bf16/fp16 autocast) -> float32 for losses; others unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -18,7 +18,7 @@ from torch import nn
 
 from genexp.errors import check_choice, check_float, check_int
 from genexp.metrics.bpd import nats_to_bpd
-from genexp.models.base import LossOutput
+from genexp.models.base import LossOutput, upcast
 from genexp.models.likelihoods import LIKELIHOODS
 from genexp.nets.conv import ConvDecoder, ConvEncoder
 
@@ -77,7 +77,7 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) -> posterior mean and log-variance, (B, latent_dim) each."""
-        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        mu, logvar = upcast(self.encoder(x)).chunk(2, dim=-1)
         return mu, logvar.clamp(-30.0, 20.0)
 
     def current_beta(self) -> float:
@@ -88,7 +88,7 @@ class VAE(nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput:
         mu, logvar = self.encode(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        out = self.decoder(z)
+        out = upcast(self.decoder(z))
         log_px = self.likelihood.log_prob(out, x).flatten(1).sum(1)  # (B,) nats
         kl = gaussian_kl(mu, logvar)  # (B,)
         beta = self.current_beta()
@@ -114,12 +114,12 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         if self.nll_samples == 1:
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-            log_pmf = self.likelihood.log_pmf(self.decoder(z), x).flatten(1).sum(1)
+            log_pmf = self.likelihood.log_pmf(upcast(self.decoder(z)), x).flatten(1).sum(1)
             return nats_to_bpd(-(log_pmf - gaussian_kl(mu, logvar)), self.num_dims)
         log_w = []
         for _ in range(self.nll_samples):  # log w = log p(x|z) + log p(z) - log q(z|x)
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-            log_pmf = self.likelihood.log_pmf(self.decoder(z), x).flatten(1).sum(1)
+            log_pmf = self.likelihood.log_pmf(upcast(self.decoder(z)), x).flatten(1).sum(1)
             log_w.append(
                 log_pmf
                 + _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
