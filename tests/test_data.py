@@ -391,3 +391,19 @@ def test_celeba_lazy_images_crop_and_resize():
     assert item.shape == (3, 16, 16) and item.dtype == torch.float32
     torch.testing.assert_close(item[:, 0, 0], torch.tensor([1.0, 128 / 255, 0.0]))
     assert int(label) == NO_LABEL
+
+
+@pytest.mark.parametrize("cls", [MNIST, CIFAR10])
+def test_torchvision_download_failure_is_one_clear_line(cls, tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(GenexpError) as err:
+        cls(root=str(tmp_path / "data"), download=True).load()
+    message = str(err.value)
+    assert f"could not download {cls.__name__}" in message and "dataset.download=false" in message
+    assert "\n" not in message

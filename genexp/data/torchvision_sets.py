@@ -34,7 +34,7 @@ class TorchvisionSource(ImageSource):
     def __init__(
         self,
         root: str = "~/.cache/genexp/data",
-        download: bool = False,
+        download: bool = True,
         image_size: int | None = None,
         channels: int | None = None,
         val_size: int = 5000,
@@ -53,13 +53,17 @@ class TorchvisionSource(ImageSource):
     def _open(self, cls, **kwargs):
         try:
             return cls(root=str(self.root), download=self.download, **kwargs)
-        except RuntimeError as err:
-            if "download=True" in str(err) or "not found" in str(err).lower():
+        except (RuntimeError, OSError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if self.download:
                 raise GenexpError(
-                    f"dataset.root={self.root}: {cls.__name__} not found there; set dataset.download=true "
-                    "(needs a network) or point dataset.root at a folder that holds it"
+                    f"dataset.root={self.root}: could not download {cls.__name__} ({first}); check the network, "
+                    "or put the files under dataset.root and set dataset.download=false"
                 ) from None
-            raise
+            raise GenexpError(
+                f"dataset.root={self.root}: {cls.__name__} not found there ({first}); set dataset.download=true "
+                "(needs a network) or point dataset.root at a folder that holds it"
+            ) from None
 
     def _tensors(self, ds) -> tuple[torch.Tensor, torch.Tensor]:
         data = ds.data
@@ -152,12 +156,3 @@ class CelebA(TorchvisionSource):
 
         parts = [self._open(TV, split=split) for split in ("train", "valid", "test")]
         return Splits(*(_LazyImages(p, self.image_size, self.channels) for p in parts))
-
-    def _open(self, cls, **kwargs):
-        try:
-            return cls(root=str(self.root), download=self.download, **kwargs)
-        except (RuntimeError, FileNotFoundError) as err:
-            raise GenexpError(
-                f"dataset.root={self.root}: CelebA not found or incomplete there ({str(err).splitlines()[0]}); "
-                "set dataset.download=true (needs a network) or point dataset.root at it"
-            ) from None

@@ -123,7 +123,9 @@ class SampleGrid(pl.Callback):
                         z = model.encode(x.to(pl_module.device))
                         z = z[0] if isinstance(z, tuple) else z  # VAE: the posterior mean
                         path = self.dirpath / f"{tag}_latents.png"
-                        latent_scatter(z.cpu(), y.cpu(), path, f"latents of {len(x)} validation images ({tag})")
+                        latent_scatter(
+                            z.cpu(), y.cpu(), path, f"latents of {len(x)} validation images ({tag})"
+                        )
                         self._done(trainer, "latents", path, tag)
         finally:
             model.train(was_training)
