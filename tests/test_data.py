@@ -344,7 +344,7 @@ class FakeTorchvisionSet:
     shape = (28, 28)
 
     def __init__(self, root, download, train):
-        assert download is False
+        assert download is False  # the flag reaches torchvision (tests never download)
         n = 12 if train else 4
         g = torch.Generator().manual_seed(int(train))
         self.data = torch.randint(0, 256, (n, *self.shape), generator=g, dtype=torch.uint8)
@@ -361,21 +361,21 @@ class FakeColourSet(FakeTorchvisionSet):
 
 def test_torchvision_source_splits_official_train_into_train_and_val(tmp_path, monkeypatch):
     monkeypatch.setattr(MNIST, "torchvision_class", lambda self: FakeTorchvisionSet)
-    splits = MNIST(root=str(tmp_path), val_size=3).load()
+    splits = MNIST(root=str(tmp_path), download=False, val_size=3).load()
     assert [len(s) for s in splits] == [9, 3, 4]
     assert splits.train.images.shape[1:] == (1, 28, 28) and splits.train.images.dtype == torch.uint8
     assert sorted(torch.cat([splits.train.labels, splits.val.labels]).tolist()) == list(range(12))
     assert torch.equal(splits.test.images[:, 0], FakeTorchvisionSet(None, False, False).data)
     with pytest.raises(GenexpError, match="val_size"):
-        MNIST(root=str(tmp_path), val_size=12).load()
+        MNIST(root=str(tmp_path), download=False, val_size=12).load()
 
 
 def test_torchvision_source_converts_hwc_colour(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR10, "torchvision_class", lambda self: FakeColourSet)
-    splits = CIFAR10(root=str(tmp_path), val_size=2).load()
+    splits = CIFAR10(root=str(tmp_path), download=False, val_size=2).load()
     want = torch.from_numpy(FakeColourSet(None, False, False).data).permute(0, 3, 1, 2)
     assert torch.equal(splits.test.images, want)  # (N, H, W, C) -> (N, C, H, W), pixels untouched
-    grey = CIFAR10(root=str(tmp_path), val_size=2, channels=1, image_size=16).load()
+    grey = CIFAR10(root=str(tmp_path), download=False, val_size=2, channels=1, image_size=16).load()
     assert grey.test.images.shape == (4, 1, 16, 16)
 
 
