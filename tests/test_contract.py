@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import compose_cfg, group_options
+from conftest import TINY_MODEL, compose_cfg, group_options
 
 from genexp.models.base import LossOutput
 from genexp.run import instantiate
@@ -15,9 +15,7 @@ FAMILIES = group_options("model")
 
 
 def build(option: str, tmp_path):
-    cfg = compose_cfg(
-        [f"model={option}", "dataset=synthetic", "model.base_channels=8", "model.latent_dim=4"], tmp_path
-    )
+    cfg = compose_cfg([f"model={option}", "dataset=synthetic", *TINY_MODEL.get(option, [])], tmp_path)
     torch.manual_seed(0)
     return instantiate(cfg.model, "model"), cfg
 

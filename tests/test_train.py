@@ -22,7 +22,7 @@ def read_json(path):
 
 @pytest.mark.parametrize("option", group_options("model"))
 def test_a_few_steps_per_family_write_every_output(option, tiny_cfg, tmp_path):
-    metrics = train(tiny_cfg(f"model={option}"))
+    metrics = train(tiny_cfg(model=option))
     run = tmp_path / "run"
     assert metrics["global_step"] == 3
     saved = read_json(run / "metrics.json")
@@ -42,21 +42,19 @@ def test_a_few_steps_per_family_write_every_output(option, tiny_cfg, tmp_path):
 
 
 def test_vae_reports_its_bits_per_dim_bound(tiny_cfg):
-    metrics = train(tiny_cfg("model=vae"))
+    metrics = train(tiny_cfg(model="vae"))
     bpd = metrics["test"]["test/bpd"]
     assert 0 < bpd < 1e4
     assert {"test/recon", "test/kl", "test/elbo"} <= set(metrics["test"])
 
 
 def test_resume_continues_step_count_and_metrics(tiny_cfg, tmp_path):
-    first = train(tiny_cfg("model=vae", "logger=csv"))
+    first = train(tiny_cfg("logger=csv"))
     assert first["global_step"] == 3
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
     assert int(state["state_dict"]["model.num_steps"]) == 3
-    second = train(
-        tiny_cfg("model=vae", "logger=csv", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run'}")
-    )
+    second = train(tiny_cfg("logger=csv", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run'}"))
     assert second["global_step"] == 6 and second["epochs"] == 2
     state = torch.load(ckpt, weights_only=True)
     assert int(state["state_dict"]["model.num_steps"]) == 6  # the model's own counter resumed too
@@ -67,9 +65,9 @@ def test_resume_continues_step_count_and_metrics(tiny_cfg, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_family(tiny_cfg, tmp_path):
-    train(tiny_cfg("model=ae"))
+    train(tiny_cfg(model="ae"))
     with pytest.raises(GenexpError, match="checkpoint of genexp.models.ae.AE"):
-        train(tiny_cfg("model=vae", f"ckpt_path={tmp_path / 'run'}"))
+        train(tiny_cfg(f"ckpt_path={tmp_path / 'run'}", model="vae"))
 
 
 def test_truncated_checkpoint_gives_a_clear_error(tiny_cfg, tmp_path):
@@ -185,9 +183,9 @@ def test_progress_bar_in_a_terminal_plain_lines_otherwise(tiny_cfg, capsys, capl
 
 
 def test_callbacks_none_writes_no_checkpoints(tmp_path):
-    from conftest import TINY, compose_cfg
+    from conftest import compose_cfg, tiny
 
-    overrides = [o for o in TINY if not o.startswith("callbacks.")] + ["callbacks=none"]
+    overrides = [o for o in tiny("vae") if not o.startswith("callbacks.")] + ["callbacks=none"]
     metrics = train(compose_cfg(overrides, tmp_path / "run"))
     assert metrics["best_checkpoint"] is None
     assert not list(tmp_path.rglob("*.ckpt"))
