@@ -51,8 +51,9 @@ def train_app(cfg: DictConfig) -> float | None:
     from genexp.run import train
 
     metrics = _guard(train, cfg)
-    # the sweep objective (e.g. for an Optuna sweeper): the test loss
-    return (metrics or {}).get("test", {}).get("test/loss")
+    # the sweep objective (e.g. for an Optuna sweeper): the family's monitor metric on the test split
+    monitor = str(cfg.get("monitor", {}).get("metric", "val/loss")).replace("val/", "test/", 1)
+    return (metrics or {}).get("test", {}).get(monitor)
 
 
 def main(argv: list[str] | None = None) -> None:

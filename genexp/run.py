@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.lit.callbacks import EpochSummary, Throughput
+from genexp.lit.gan_module import GANModule
 from genexp.lit.loggers import finish_wandb, prepare_wandb_kwargs
 from genexp.lit.module import GenerativeModule
 
@@ -177,7 +178,9 @@ def train(cfg: DictConfig) -> dict:
     scheduler = instantiate(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None
 
     config = plain_config(cfg)
-    module = GenerativeModule(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
+    # the family's contract picks the glue: adversarial families (d_loss/g_loss) train two networks
+    module_class = GANModule if hasattr(model, "d_loss") else GenerativeModule
+    module = module_class(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
     callbacks: list[pl.Callback] = [
         instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
     ]
@@ -208,7 +211,8 @@ def train(cfg: DictConfig) -> dict:
         enable_checkpointing=checkpointing,  # callbacks=none means no checkpoints, not Lightning's default ones
     )
 
-    num_params = sum(p.numel() for p in model.parameters())
+    # trained parameters only (a GAN's EMA copy of G is not counted)
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
         "model %s: %.2fM parameters; data %s %dx%dx%d; output %s",
         type(model).__name__,

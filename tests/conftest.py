@@ -34,6 +34,9 @@ TINY = [
 TINY_MODEL: dict[str, list[str]] = {
     "ae": ["model.base_channels=8", "model.latent_dim=4"],
     "vae": ["model.base_channels=8", "model.latent_dim=4"],
+    "gan": ["model.g_base_channels=8", "model.d_base_channels=8", "model.z_dim=8"],
+    "realnvp": ["model.n_scales=2", "model.n_blocks=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
+    "glow": ["model.n_scales=2", "model.n_steps=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
 }
 
 

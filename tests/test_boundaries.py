@@ -11,6 +11,7 @@ import pytest
 PURE = [
     "genexp.models",
     "genexp.nets",
+    "genexp.flows",
     "genexp.metrics",
     "genexp.data",
     "genexp.lr_schedulers",

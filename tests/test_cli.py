@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, TINY_MODEL, tiny
+from conftest import TINY, TINY_MODEL, group_options, tiny
 
 GENEXP = shutil.which("genexp", path=str(Path(sys.executable).parent)) or "genexp"
 
@@ -28,7 +28,8 @@ def test_help_lists_commands_groups_and_options(tmp_path):
     out = genexp("--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout
-    for line in ("model: ae, vae", "logger: csv, none, tensorboard, wandb", "accelerator: auto, cpu, ddp"):
+    models = "model: " + ", ".join(group_options("model"))  # every family, e.g. "model: ae, gan, vae"
+    for line in (models, "logger: csv, none, tensorboard, wandb", "accelerator: auto, cpu, ddp"):
         assert line in out.stdout
     assert "mnist5k" in out.stdout and "experiment:" in out.stdout
 
@@ -158,6 +159,29 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert len(list((run / "csv").glob("metrics.csv"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no second run dir from the child process"
+
+
+def test_ddp_gan_on_two_cpu_processes(tmp_path):
+    """Two optimizers under DDP: each backward leaves some parameters without gradients (G's in D's
+    loss, the frozen D's in G's); with n_critic, a gradient penalty (double backward) and G's EMA."""
+    import torch
+
+    run = tmp_path / "run"
+    out = genexp(
+        "train",
+        *tiny("gan"),
+        "model.loss=wgan_gp",
+        "model.d_steps_per_g_step=2",
+        "model.ema_decay=0.9",
+        "accelerator=ddp_cpu",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 3  # G steps
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    steps = [int(next(iter(opt["state"].values()))["step"]) for opt in state["optimizer_states"]]
+    assert steps == [3, 6]
 
 
 def test_user_config_groups_through_searchpath(tmp_path):

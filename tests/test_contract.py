@@ -25,25 +25,37 @@ def batch(cfg, n: int = 6) -> torch.Tensor:
     return torch.randint(0, 256, (n, c, s, s), generator=torch.Generator().manual_seed(1)).float() / 255.0
 
 
+def training_losses(model, x: torch.Tensor, y: torch.Tensor | None = None) -> list:
+    """The family's objectives on a batch: ``loss``, or an adversarial family's ``d_loss`` and ``g_loss``."""
+    if hasattr(model, "d_loss"):
+        return [model.d_loss(x, y), model.g_loss(x, y)]
+    return [model.loss(x, y)]
+
+
 @pytest.mark.parametrize("option", FAMILIES)
 def test_loss_returns_a_differentiable_scalar_and_detached_logs(option, tmp_path):
     model, cfg = build(option, tmp_path)
-    out = model.loss(batch(cfg), torch.zeros(6, dtype=torch.long))
-    assert isinstance(out, LossOutput)
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss) and out.loss.requires_grad
-    assert out.logs and all(v.ndim == 0 and not v.requires_grad for v in out.logs.values())
-    assert all("/" not in k for k in out.logs), "the glue adds the stage prefix"
-    out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    outs = training_losses(model, batch(cfg), torch.zeros(6, dtype=torch.long))
+    for out in outs:
+        assert isinstance(out, LossOutput)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss) and out.loss.requires_grad
+        assert out.logs and all(v.ndim == 0 and not v.requires_grad for v in out.logs.values())
+        assert all("/" not in k for k in out.logs), "the glue adds the stage prefix"
+    sum(out.loss for out in outs).backward()
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
     assert not missing, f"no gradient reaches {missing}"
-    model.loss(batch(cfg))  # y is optional
+    training_losses(model, batch(cfg))  # y is optional
 
 
 @pytest.mark.parametrize("option", FAMILIES)
 def test_sample_is_in_data_range_and_follows_the_generator(option, tmp_path):
     model, cfg = build(option, tmp_path)
     model.train()
-    model.loss(batch(cfg, 16))  # families that fit a prior on training codes see one batch
+    training_losses(model, batch(cfg, 16))  # families that fit a prior on training codes see one batch
     model.eval()
     s, c = cfg.dataset.image_size, cfg.dataset.channels
     a = model.sample(5, generator=torch.Generator().manual_seed(3))
@@ -71,7 +83,7 @@ def test_optional_nll_and_reconstruct(option, tmp_path):
 def test_state_dict_round_trip_loads_weights_only(option, tmp_path):
     model, cfg = build(option, tmp_path)
     model.train()
-    model.loss(batch(cfg, 16))
+    training_losses(model, batch(cfg, 16))
     model.eval()
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

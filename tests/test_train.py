@@ -30,12 +30,10 @@ def saved_config_target(run):
 def test_a_few_steps_per_family_write_every_output(option, tiny_cfg, tmp_path):
     metrics = train(tiny_cfg(model=option))
     run = tmp_path / "run"
-    assert metrics["global_step"] == 3
+    assert metrics["global_step"] == 3  # one step per batch (for a GAN: G steps, whatever n_critic)
     saved = read_json(run / "metrics.json")
     assert saved["global_step"] == 3 and saved["num_parameters"] > 0 and saved["train_img_per_sec"] > 0
-    assert saved["wall_time_s"] > 0 and saved["test"]["test/loss"] == pytest.approx(
-        metrics["test"]["test/loss"]
-    )
+    assert saved["wall_time_s"] > 0 and saved["test"] and saved["test"] == pytest.approx(metrics["test"])
     assert all(k.startswith("test/") for k in saved["test"])
     for name in ("last.ckpt", "best.ckpt"):
         ckpt = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
@@ -201,3 +199,15 @@ def test_callbacks_none_writes_no_checkpoints(tmp_path):
     assert metrics["best_checkpoint"] is None
     assert not list(tmp_path.rglob("*.ckpt"))
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_resume_mid_epoch_with_max_steps(tmp_path):
+    """A run stopped by max_steps resumes where it stopped, inside an epoch or on an epoch's end."""
+    from conftest import compose_cfg, tiny
+
+    for stop, resume_to in ((2, 5), (6, 8)):  # 3 batches an epoch
+        run = tmp_path / f"run{stop}"
+        first = train(compose_cfg([*tiny(), f"trainer.max_steps={stop}", "trainer.max_epochs=-1"], run))
+        assert first["global_step"] == stop
+        again = [*tiny(), f"trainer.max_steps={resume_to}", "trainer.max_epochs=-1", f"ckpt_path={run}"]
+        assert train(compose_cfg(again, run))["global_step"] == resume_to

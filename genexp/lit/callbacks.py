@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from genexp.errors import check_int
+from genexp.errors import check_float, check_int
 
 log = logging.getLogger("genexp")
 
@@ -66,6 +67,8 @@ class SampleGrid(pl.Callback):
         num_samples: images per grid.
         seed: seed of the sampling noise (the same noise every epoch, so grids compare).
         latent_points: validation images encoded for the scatter plot (0: off).
+        temperatures: for families whose ``sample`` takes a ``temperature`` (flows), extra grids
+            ``{tag}_samples_t{T}.png`` from the same noise scaled by T (``_samples.png`` is T = 1).
     """
 
     def __init__(
@@ -75,12 +78,14 @@ class SampleGrid(pl.Callback):
         num_samples: int = 64,
         seed: int = 0,
         latent_points: int = 1000,
+        temperatures: tuple[float, ...] = (0.7,),
     ):
         self.dirpath = Path(dirpath)
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=0)
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
         self.seed = seed
         self.latent_points = check_int("latent_points", latent_points, minimum=0)
+        self.temperatures = tuple(check_float("temperatures", t, minimum=0.0) for t in temperatures)
         self.written: list[Path] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -108,6 +113,13 @@ class SampleGrid(pl.Callback):
                 path = self.dirpath / f"{tag}_samples.png"
                 save_image(samples.cpu(), path, nrow=int(self.num_samples**0.5))
                 self._done(trainer, "samples", path, tag)
+                if "temperature" in inspect.signature(model.sample).parameters:
+                    for t in self.temperatures:  # the same noise, scaled: z ~ N(0, T^2 I)
+                        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+                        samples = model.sample(self.num_samples, generator=generator, temperature=t)
+                        path = self.dirpath / f"{tag}_samples_t{t:g}.png"
+                        save_image(samples.float().clamp(0, 1).cpu(), path, nrow=int(self.num_samples**0.5))
+                        self._done(trainer, f"samples_t{t:g}", path, tag)
                 datamodule = trainer.datamodule
                 if hasattr(model, "reconstruct") and datamodule is not None:
                     x, _ = datamodule.fixed_batch("val", self.num_samples // 2)
@@ -152,6 +164,9 @@ class Throughput(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # batch end to batch end: data loading, step and hooks count; epoch-end work does not
         now = time.perf_counter()
+        if self._start is None:  # resumed inside an epoch: time from this batch on
+            self._start = now
+            return
         n = batch[0].shape[0] * trainer.world_size
         self._epoch_images += n
         self._epoch_seconds += now - self._start
@@ -171,9 +186,16 @@ class Throughput(pl.Callback):
 class EpochSummary(pl.Callback):
     """One plain log line per epoch: mean training loss, validation metrics, time (files, CI logs)."""
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        # also the state after a resume that lands mid-epoch (no on_train_epoch_start then)
         self._start = time.perf_counter()
         self._loss_sum, self._batches = 0.0, 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._reset()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

@@ -13,6 +13,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from genexp.errors import GenexpError
+
 
 class GenerativeModule(pl.LightningModule):
     """Args:
@@ -44,10 +46,28 @@ class GenerativeModule(pl.LightningModule):
         """
         return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _check_finite(self, loss: torch.Tensor, stage: str, batch_idx: int) -> None:
+        """Stop the run on a NaN/Inf loss, before backward and the optimizer step, so neither the
+        weights nor any checkpoint become non-finite. Ranks decide together (a sum over the
+        process group), so under DDP every rank stops instead of the others waiting in all-reduce.
+        Costs one host-device sync per step.
+        """
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item() > 0:
+            raise GenexpError(
+                f"{type(self.model).__name__}: non-finite {stage} loss ({loss.item()}) at global step "
+                f"{self.global_step} (epoch {self.current_epoch + 1}, batch {batch_idx}); stopped before "
+                "any weight update or checkpoint with it. Try a lower optimizer.lr or "
+                "trainer.gradient_clip_val=1.0"
+            )
+
+    def _step(self, batch, stage: str, batch_idx: int = 0) -> torch.Tensor:
         x, y = batch
         out = self.model.loss(x, y)
         n = x.shape[0]
+        self._check_finite(out.loss, stage, batch_idx)
         if stage == "train":  # per-step curves under plain keys (train/loss)
             self.log(
                 "train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
@@ -76,13 +96,13 @@ class GenerativeModule(pl.LightningModule):
         return out.loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._step(batch, "test", batch_idx)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.model.parameters())
