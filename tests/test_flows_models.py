@@ -225,9 +225,10 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_writes_no_nan_checkpoint(
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_a_nan_loss_is_one_line_on_the_command_line(nan_on_training_call, tiny_cfg, capsys):
+def test_a_nan_loss_is_one_line_on_the_command_line(nan_on_training_call, tiny_cfg, capsys, monkeypatch):
     from genexp.cli import _guard
 
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # CI sets it; users see one line
     nan_on_training_call(1)
     with pytest.raises(SystemExit) as exit_info:
         _guard(train, tiny_cfg(model="realnvp"))
