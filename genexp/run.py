@@ -96,6 +96,27 @@ def validate(cfg: DictConfig) -> None:
                 check_int(f"trainer.{key}", trainer.get(key), minimum=-1)
     except ConfigError as err:
         raise GenexpError(str(err)) from None
+    refuse_ddp_sweep(cfg)
+
+
+def refuse_ddp_sweep(cfg: DictConfig) -> None:
+    """Lightning's ``ddp`` launcher re-runs the command line in each rank, which replays a whole
+    Hydra sweep there (a known Lightning/Hydra pitfall): refuse it with the fix."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if (
+        strategy.startswith("ddp")
+        and not strategy.startswith("ddp_spawn")
+        and cfg.trainer.get("devices") != 1
+    ):
+        raise GenexpError(
+            f"trainer.strategy={strategy} with a -m sweep would replay the sweep in every process; "
+            "use trainer.strategy=ddp_spawn for local sweeps, or launch one run per job"
+        )
 
 
 def load_checkpoint_meta(path: Path) -> dict:

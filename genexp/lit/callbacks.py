@@ -210,7 +210,7 @@ class EpochSummary(pl.Callback):
         parts += [
             f"{k} {float(v):.4g}"
             for k, v in sorted(metrics.items())
-            if k.startswith("val/") and v.numel() == 1
+            if (k.startswith("val/") or k in ("train/d_loss", "train/g_loss")) and v.numel() == 1
         ]
         elapsed = time.perf_counter() - self._start
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
