@@ -145,7 +145,6 @@ def build_logger(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
     kwargs = {}
     if str(node.get("_target_", "")).endswith("WandbLogger"):
         kwargs = prepare_wandb_kwargs({}, wandb_id)
-    check_targets(node, "logger")
     return instantiate(node, "logger", **kwargs)
 
 

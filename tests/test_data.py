@@ -395,6 +395,8 @@ def test_celeba_lazy_images_crop_and_resize():
 
 @pytest.mark.parametrize("cls", [MNIST, CIFAR10])
 def test_torchvision_download_failure_is_one_clear_line(cls, tmp_path, monkeypatch):
+    # offline by construction: urlopen is replaced, and the autouse _no_network fixture fails the
+    # test on any socket connection that would slip past it
     import urllib.error
     import urllib.request
 
