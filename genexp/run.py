@@ -119,8 +119,8 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
-def load_checkpoint_meta(path: Path) -> dict:
-    """Read a checkpoint safely (``weights_only=True``) and return its genexp section."""
+def read_checkpoint(path: Path) -> dict:
+    """Load a genexp checkpoint safely (``weights_only=True``): a pickle that would run code is refused."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle refused by weights_only, not a checkpoint at all
@@ -130,7 +130,29 @@ def load_checkpoint_meta(path: Path) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or "genexp" not in ckpt or "state_dict" not in ckpt:
         raise GenexpError(f"ckpt_path={path}: not a genexp checkpoint (no genexp section)")
-    return ckpt["genexp"]
+    return ckpt
+
+
+def load_checkpoint_meta(path: Path) -> dict:
+    """The genexp section (config, wandb id) of a checkpoint."""
+    return read_checkpoint(path)["genexp"]
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    """Instantiate ``cfg.model``. A family with a ``first_stage`` (latent diffusion) gets the trained
+    AE/VAE that the key names (a run dir or .ckpt), loaded through :func:`genexp.checkpoints.load_first_stage`."""
+    kwargs = {}
+    first_stage = cfg.model.get("first_stage")
+    if isinstance(first_stage, str):
+        from genexp.checkpoints import load_first_stage
+
+        kwargs["first_stage"] = load_first_stage(first_stage)
+    elif first_stage is None and "first_stage" in cfg.model:
+        raise GenexpError(
+            "model.first_stage=null: latent diffusion needs a trained AE/VAE; pass "
+            "model.first_stage=<run dir or .ckpt> (or use experiment=ldm_two_stage to train both)"
+        )
+    return instantiate(cfg.model, "model", **kwargs)
 
 
 def plain_config(cfg: DictConfig) -> dict:
@@ -189,7 +211,7 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dataset = instantiate(cfg.dataset, "dataset")
     datamodule = instantiate(cfg.data, "data", dataset=dataset)
-    model = instantiate(cfg.model, "model")
+    model = build_model(cfg)
     optimizer = instantiate(cfg.optimizer, "optimizer")
     try:  # a dry build so a bad optimizer setting fails now, not after the first epoch
         optimizer([torch.nn.Parameter(torch.zeros(1))])

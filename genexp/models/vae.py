@@ -128,15 +128,19 @@ class VAE(nn.Module):
         log_px = torch.logsumexp(torch.stack(log_w), dim=0) - math.log(self.nll_samples)
         return nats_to_bpd(-log_px, self.num_dims)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) -> the decoder's mean image (B, C, H, W) in [0, 1]."""
+        return self.likelihood.mean(upcast(self.decoder(z.to(self.decoder.head.weight.dtype))))
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean: (B, C, H, W) -> (B, C, H, W) in [0, 1]."""
         mu, _ = self.encode(x)
-        return self.likelihood.mean(self.decoder(mu))
+        return self.decode(mu)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode z ~ N(0, I): (n, C, H, W) mean images in [0, 1]."""
         ref = self.num_steps
         z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device)
-        return self.likelihood.mean(self.decoder(z.to(self.decoder.head.weight.dtype)))
+        return self.decode(z)

@@ -1,0 +1,80 @@
+"""Rebuild a trained family from its checkpoint alone: the stored config plus the weights.
+
+``genexp sample``/``evaluate`` and latent diffusion's first stage use this; a checkpoint loads with
+``weights_only=True`` and its config is instantiated through the same allow-list as a run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from genexp.errors import GenexpError
+from genexp.resume import resolve_checkpoint
+from genexp.run import build_model, read_checkpoint
+
+
+class LoadedModel(NamedTuple):
+    model: nn.Module
+    config: DictConfig  # the run's resolved config, as stored in the checkpoint (plus any overrides)
+    path: Path  # the checkpoint file
+
+
+def model_state(state_dict: dict) -> dict:
+    """The family's weights out of a LightningModule state dict (``model.`` prefix removed)."""
+    return {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+
+
+def load_model(value: str, overrides: dict | None = None) -> LoadedModel:
+    """``value``: a run dir, a .ckpt file or ``latest``. ``overrides``: a nested dict merged into the
+    stored config before the model is built (e.g. ``{"model": {"sampler": {...}}}``).
+
+    Returns the model in eval mode on the CPU. When the run used weight averaging (EMA), the
+    checkpoint's ``state_dict`` holds the averaged weights, so those are what is loaded.
+    """
+    path = resolve_checkpoint(value)
+    ckpt = read_checkpoint(path)
+    config = OmegaConf.create(ckpt["genexp"].get("config") or {})
+    if "model" not in config:
+        raise GenexpError(f"ckpt_path={path}: the checkpoint holds no model config")
+    if overrides:
+        config = OmegaConf.merge(config, OmegaConf.create(overrides))
+    model = build_model(config)
+    try:
+        model.load_state_dict(model_state(ckpt["state_dict"]))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise GenexpError(
+            f"ckpt_path={path}: its weights do not fit the model its config builds ({first[:200]})"
+        ) from None
+    model.eval()
+    return LoadedModel(model, config, path)
+
+
+def load_first_stage(value: str) -> nn.Module:
+    """The frozen AE/VAE of latent diffusion: any family with ``encode``, ``decode`` and ``latent_dim``."""
+    try:
+        loaded = load_model(value)
+    except GenexpError as err:
+        raise GenexpError(f"model.first_stage={value}: {err}") from None
+    model = loaded.model
+    if not all(hasattr(model, a) for a in ("encode", "decode", "latent_dim")):
+        raise GenexpError(
+            f"model.first_stage={value}: a {type(model).__name__} checkpoint; latent diffusion needs "
+            "an AE or VAE run (a family with encode, decode and latent_dim)"
+        )
+    model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def describe(loaded: LoadedModel) -> str:
+    """One line naming the family, dataset and checkpoint (for CLI output)."""
+    cfg = loaded.config
+    target = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
+    dataset = str(cfg.get("dataset", {}).get("_target_", "?")).rsplit(".", 1)[-1]
+    return f"{target} trained on {dataset} ({loaded.path})"
