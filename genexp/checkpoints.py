@@ -30,8 +30,9 @@ def model_state(state_dict: dict) -> dict:
 
 
 def load_model(value: str, overrides: dict | None = None) -> LoadedModel:
-    """``value``: a run dir, a .ckpt file or ``latest``. ``overrides``: a nested dict merged into the
-    stored config before the model is built (e.g. ``{"model": {"sampler": {...}}}``).
+    """``value``: a run dir, a .ckpt file or ``latest``. ``overrides``: dotted keys whose nodes
+    REPLACE the stored ones before the model is built (e.g. ``{"model.sampler": {...ddim...}}``:
+    the whole sampler node is swapped, not merged into the stored one).
 
     Returns the model in eval mode on the CPU. When the run used weight averaging (EMA), the
     checkpoint's ``state_dict`` holds the averaged weights, so those are what is loaded.
@@ -41,8 +42,12 @@ def load_model(value: str, overrides: dict | None = None) -> LoadedModel:
     config = OmegaConf.create(ckpt["genexp"].get("config") or {})
     if "model" not in config:
         raise GenexpError(f"ckpt_path={path}: the checkpoint holds no model config")
-    if overrides:
-        config = OmegaConf.merge(config, OmegaConf.create(overrides))
+    for key, node in (overrides or {}).items():
+        if OmegaConf.select(config, key) is None and key.rsplit(".", 1)[0] != key:
+            parent = OmegaConf.select(config, key.rsplit(".", 1)[0])
+            if parent is None:
+                raise GenexpError(f"{key}: the checkpoint's config has no {key.rsplit('.', 1)[0]} node")
+        OmegaConf.update(config, key, node, merge=False)
     model = build_model(config)
     try:
         model.load_state_dict(model_state(ckpt["state_dict"]))
@@ -57,8 +62,9 @@ def load_model(value: str, overrides: dict | None = None) -> LoadedModel:
 
 def load_first_stage(value: str) -> nn.Module:
     """The frozen AE/VAE of latent diffusion: any family with ``encode``, ``decode`` and ``latent_dim``."""
+    best = Path(value) / "checkpoints" / "best.ckpt"  # a run dir: its best checkpoint, not its last
     try:
-        loaded = load_model(value)
+        loaded = load_model(str(best) if best.is_file() else value)
     except GenexpError as err:
         raise GenexpError(f"model.first_stage={value}: {err}") from None
     model = loaded.model

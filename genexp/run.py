@@ -43,6 +43,8 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is an invalid version and will not be supported.*")
+    # latent diffusion keeps its frozen first stage in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 ALLOWED_TARGET_PREFIXES = ("genexp.", "torch.optim.", "pytorch_lightning.")
@@ -155,6 +157,45 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     return instantiate(cfg.model, "model", **kwargs)
 
 
+FIRST_STAGE_SHARED = ("dataset", "data", "seed", "logger")
+FIRST_STAGE_TRAINER = ("accelerator", "devices", "strategy", "precision", "num_nodes")
+
+
+def train_first_stage(cfg: DictConfig) -> None:
+    """Two-stage latent diffusion in one command: when ``first_stage_train`` lists overrides and
+    ``model.first_stage`` holds no finished run yet, train that run there first (same dataset,
+    data, seed, logger and devices as this run). A finished first stage is reused, so re-running
+    or resuming the command does not train it again."""
+    target = Path(str(cfg.model.first_stage))
+    if (target / "metrics.json").is_file() and (target / "checkpoints" / "last.ckpt").is_file():
+        log.info("first stage: reusing the finished run in %s", target)
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [str(o) for o in cfg.first_stage_train]
+    log.info("first stage: training `genexp train %s` into %s", " ".join(overrides), target)
+    try:
+        if GlobalHydra.instance().is_initialized():
+            sub = compose(config_name="train", overrides=overrides)
+        else:
+            with initialize_config_module(config_module="genexp.configs", version_base="1.3"):
+                sub = compose(config_name="train", overrides=overrides)
+    except Exception as err:  # a bad override in first_stage_train
+        first = str(err).strip().splitlines()[0]
+        raise GenexpError(f"first_stage_train: {first}") from None
+    OmegaConf.set_struct(sub, False)
+    for key in FIRST_STAGE_SHARED:
+        sub[key] = cfg[key]
+    for key in FIRST_STAGE_TRAINER:
+        if key in cfg.trainer:
+            sub.trainer[key] = cfg.trainer[key]
+    sub.paths.output_dir = str(target)
+    sub.ckpt_path = None
+    sub.first_stage_train = None
+    train(sub)
+
+
 def plain_config(cfg: DictConfig) -> dict:
     """The resolved config as plain containers (what checkpoints and loggers store)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
@@ -208,6 +249,8 @@ def train(cfg: DictConfig) -> dict:
         wandb_id = meta.get("wandb_id")
         log.info("resuming from %s", ckpt_path)
 
+    if cfg.get("first_stage_train"):
+        train_first_stage(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dataset = instantiate(cfg.dataset, "dataset")
     datamodule = instantiate(cfg.data, "data", dataset=dataset)

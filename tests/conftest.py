@@ -37,6 +37,21 @@ TINY_MODEL: dict[str, list[str]] = {
     "gan": ["model.g_base_channels=8", "model.d_base_channels=8", "model.z_dim=8"],
     "realnvp": ["model.n_scales=2", "model.n_blocks=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
     "glow": ["model.n_scales=2", "model.n_steps=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
+    "ddpm": [
+        "model.net.base_channels=8",
+        "model.net.num_groups=4",
+        "schedule.timesteps=20",
+        "model.bpd_timesteps=4",
+        "model.bpd_images=8",
+    ],
+    # model.first_stage: the session's tiny VAE run (the first_stage_run fixture sets the variable)
+    "ldm": [
+        "model.first_stage=${oc.env:GENEXP_TEST_FIRST_STAGE}",
+        "model.net.hidden_dim=16",
+        "model.net.n_blocks=1",
+        "model.net.time_dim=8",
+        "schedule.timesteps=20",
+    ],
 }
 
 
@@ -67,6 +82,19 @@ def tiny_cfg(tmp_path):
         return compose_cfg([*tiny(model), *overrides], tmp_path / "run")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def first_stage_run(tmp_path_factory) -> Path:
+    """A tiny VAE run on the synthetic data (a few seconds), the first stage of ``ldm`` tests.
+
+    Sets ``GENEXP_TEST_FIRST_STAGE`` so ``tiny("ldm")`` finds it."""
+    from genexp.run import train
+
+    run = tmp_path_factory.mktemp("first_stage") / "run"
+    train(compose_cfg([*tiny("vae"), "trainer.max_epochs=2"], run))
+    os.environ["GENEXP_TEST_FIRST_STAGE"] = str(run)
+    return run
 
 
 @pytest.fixture(autouse=True)

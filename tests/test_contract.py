@@ -9,15 +9,21 @@ import torch
 from conftest import TINY_MODEL, compose_cfg, group_options
 
 from genexp.models.base import LossOutput
-from genexp.run import instantiate
+from genexp.run import build_model
 
 FAMILIES = group_options("model")
 
 
-def build(option: str, tmp_path):
-    cfg = compose_cfg([f"model={option}", "dataset=synthetic", *TINY_MODEL.get(option, [])], tmp_path)
-    torch.manual_seed(0)
-    return instantiate(cfg.model, "model"), cfg
+@pytest.fixture
+def build(request, tmp_path):
+    def make(option: str, tmp_path=tmp_path):
+        if option == "ldm":
+            request.getfixturevalue("first_stage_run")  # sets GENEXP_TEST_FIRST_STAGE
+        cfg = compose_cfg([f"model={option}", "dataset=synthetic", *TINY_MODEL.get(option, [])], tmp_path)
+        torch.manual_seed(0)
+        return build_model(cfg), cfg
+
+    return make
 
 
 def batch(cfg, n: int = 6) -> torch.Tensor:
@@ -33,7 +39,7 @@ def training_losses(model, x: torch.Tensor, y: torch.Tensor | None = None) -> li
 
 
 @pytest.mark.parametrize("option", FAMILIES)
-def test_loss_returns_a_differentiable_scalar_and_detached_logs(option, tmp_path):
+def test_loss_returns_a_differentiable_scalar_and_detached_logs(option, tmp_path, build):
     model, cfg = build(option, tmp_path)
     outs = training_losses(model, batch(cfg), torch.zeros(6, dtype=torch.long))
     for out in outs:
@@ -52,7 +58,7 @@ def test_loss_returns_a_differentiable_scalar_and_detached_logs(option, tmp_path
 
 
 @pytest.mark.parametrize("option", FAMILIES)
-def test_sample_is_in_data_range_and_follows_the_generator(option, tmp_path):
+def test_sample_is_in_data_range_and_follows_the_generator(option, tmp_path, build):
     model, cfg = build(option, tmp_path)
     model.train()
     training_losses(model, batch(cfg, 16))  # families that fit a prior on training codes see one batch
@@ -67,7 +73,7 @@ def test_sample_is_in_data_range_and_follows_the_generator(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", FAMILIES)
-def test_optional_nll_and_reconstruct(option, tmp_path):
+def test_optional_nll_and_reconstruct(option, tmp_path, build):
     model, cfg = build(option, tmp_path)
     model.eval()
     x = batch(cfg)
@@ -80,7 +86,7 @@ def test_optional_nll_and_reconstruct(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", FAMILIES)
-def test_state_dict_round_trip_loads_weights_only(option, tmp_path):
+def test_state_dict_round_trip_loads_weights_only(option, tmp_path, build):
     model, cfg = build(option, tmp_path)
     model.train()
     training_losses(model, batch(cfg, 16))

@@ -27,7 +27,9 @@ def saved_config_target(run):
 
 
 @pytest.mark.parametrize("option", group_options("model"))
-def test_a_few_steps_per_family_write_every_output(option, tiny_cfg, tmp_path):
+def test_a_few_steps_per_family_write_every_output(option, tiny_cfg, tmp_path, request):
+    if option == "ldm":
+        request.getfixturevalue("first_stage_run")  # sets GENEXP_TEST_FIRST_STAGE
     metrics = train(tiny_cfg(model=option))
     run = tmp_path / "run"
     assert metrics["global_step"] == 3  # one step per batch (for a GAN: G steps, whatever n_critic)

@@ -102,7 +102,9 @@ class SampleGrid(pl.Callback):
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
         from torchvision.utils import save_image
 
-        model = pl_module.model
+        from genexp.lit.ema import sampling_family
+
+        model = sampling_family(trainer, pl_module)  # the EMA weights when the run averages them
         self.dirpath.mkdir(parents=True, exist_ok=True)
         was_training = model.training
         model.eval()

@@ -37,6 +37,7 @@ class GenerativeModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.config = config or {}
         self.wandb_id: str | None = None
+        self._bpd_seen = 0
 
     def _writes_logs(self) -> bool:
         """Whether Lightning writes step logs after this training step (every log_every_n_steps).
@@ -85,15 +86,40 @@ class GenerativeModule(pl.LightningModule):
         for name, value in out.logs.items():
             if not (has_nll and name == "bpd"):
                 self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=n)
-        if has_nll:
-            self.log(
-                f"{stage}/bpd",
-                self.model.nll_bpd(x).mean(),
-                sync_dist=True,
-                batch_size=n,
-                prog_bar=stage == "val",
-            )
+        if has_nll and stage in getattr(self.model, "bpd_stages", ("val", "test")):
+            self._log_bpd(x, stage)
         return out.loss
+
+    def _log_bpd(self, x: torch.Tensor, stage: str) -> None:
+        """The family's bits/dim bound, on at most ``model.bpd_images`` images per epoch (a
+        diffusion bound costs many forward passes per image)."""
+        limit = getattr(self.model, "bpd_images", None)
+        if limit is not None:
+            x = x[: max(0, limit - self._bpd_seen)]
+            if len(x) == 0:
+                return
+            self._bpd_seen += len(x)
+        self.log(
+            f"{stage}/bpd",
+            self.model.nll_bpd(x).mean(),
+            sync_dist=True,
+            batch_size=len(x),
+            prog_bar=stage == "val",
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        self._bpd_seen = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._bpd_seen = 0
+
+    def on_fit_start(self) -> None:
+        """Families that standardise by training-data statistics (latent diffusion) measure them
+        once, on the same fixed training images on every rank; a resumed run keeps its own."""
+        model = self.model
+        if hasattr(model, "calibrate") and not model.calibrated and self.trainer.datamodule is not None:
+            x, _ = self.trainer.datamodule.fixed_batch("train", 2048)
+            model.calibrate(x.to(self.device))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)

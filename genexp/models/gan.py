@@ -23,28 +23,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from genexp.errors import ConfigError, check_choice, check_float, check_int
 from genexp.metrics.diversity import diversity_ratio, energy_distance
-from genexp.models.base import LossOutput, upcast
+from genexp.models.base import LossOutput, ema_update, upcast
 from genexp.models.gan_losses import LOSSES, gradient_penalty, r1_penalty
 from genexp.nets.dcgan import D_NORMS, DCGANDiscriminator, DCGANGenerator
-
-
-def ema_update(decay: float):
-    """``multi_avg_fn`` for ``AveragedModel``: EMA with a warm-up, beta_t = min(decay, (1+t)/(10+t)).
-
-    The warm-up keeps the average from dragging the random initial weights along for ~1/(1-decay)
-    steps; integer buffers (BatchNorm's batch counter) are copied.
-    """
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
-        t = int(num_averaged)
-        beta = min(decay, (1 + t) / (10 + t))
-        for a, c in zip(averaged, current):
-            if a.is_floating_point():
-                a.lerp_(c.to(a.dtype), 1.0 - beta)
-            else:
-                a.copy_(c)
-
-    return update
 
 
 class GAN(nn.Module):

@@ -1,0 +1,89 @@
+"""DDPM: denoising diffusion on images in [−1, 1] (Ho et al. 2020; talk section 3.4).
+
+Training draws t, noises x0 in closed form, q(x_t|x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), and regresses the
+network's prediction (ε by default) with an MSE. Sampling runs the configured sampler (DDPM's
+ancestral chain or DDIM) from pure noise; ``nll_bpd`` is the variational bound in bits/dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from genexp.diffusion.gaussian_diffusion import GaussianDiffusion
+from genexp.diffusion.noise_schedule import NoiseSchedule
+from genexp.errors import ConfigError, check_choice, check_int
+from genexp.models.base import LossOutput
+
+BPD_STAGES = ("val", "test")
+
+
+class DDPM(nn.Module):
+    """Args:
+    net: the denoiser, ``(B, C, H, W), (B,) -> (B, C, H, W)`` (a UNet from ``net/``).
+    schedule: the noise schedule (``schedule/`` group).
+    sampler: ``schedule -> sampler`` (``sampler/`` group, ``_partial_``): how ``sample`` runs.
+    image_size, channels: data shape (from the dataset config); must match the net.
+    objective, loss_weighting, min_snr_gamma: see :class:`GaussianDiffusion`.
+    bpd_timesteps: timesteps K evaluated for the bits/dim bound (T: exact; fewer: an estimate).
+    bpd_images: at most this many images per val/test epoch get the bound (it costs K forward
+        passes per image); null: all.
+    bpd_stages: stages that compute the bound (``[test]`` by default: validation tracks the loss).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        sampler: Callable,
+        image_size: int,
+        channels: int,
+        objective: str = "eps",
+        loss_weighting: str = "simple",
+        min_snr_gamma: float = 5.0,
+        bpd_timesteps: int = 100,
+        bpd_images: int | None = 256,
+        bpd_stages: tuple[str, ...] = ("test",),
+    ):
+        super().__init__()
+        self.image_size = check_int("image_size", image_size, minimum=1)
+        self.channels = check_int("channels", channels, minimum=1)
+        self.bpd_timesteps = check_int("bpd_timesteps", bpd_timesteps, minimum=2)
+        self.bpd_images = None if bpd_images is None else check_int("bpd_images", bpd_images, minimum=1)
+        self.bpd_stages = tuple(check_choice("bpd_stages", s, BPD_STAGES) for s in bpd_stages)
+        self.diffusion = GaussianDiffusion(net, schedule, sampler, objective, loss_weighting, min_snr_gamma)
+        self._check_net(net)
+
+    def _check_net(self, net: nn.Module) -> None:
+        """Fail at build time, naming the keys, when the net cannot take this data."""
+        net_channels = getattr(net, "in_channels", self.channels)
+        net_size = getattr(net, "image_size", self.image_size)
+        if net_channels != self.channels or net_size != self.image_size:
+            raise ConfigError(
+                "net",
+                f"{net_channels}x{net_size}x{net_size}",
+                f"the net is built for {net_channels}-channel {net_size}px images but the data is "
+                f"{self.channels}x{self.image_size}x{self.image_size}; set model.net.in_channels and "
+                "model.net.image_size to the dataset's",
+            )
+
+    @property
+    def num_dims(self) -> int:
+        return self.channels * self.image_size * self.image_size
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput:
+        loss, logs = self.diffusion.training_loss(x * 2 - 1)  # (B, C, H, W) in [-1, 1]
+        return LossOutput(loss, logs)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, C, H, W) images in [0, 1] from the configured sampler."""
+        x = self.diffusion.sample((n, self.channels, self.image_size, self.image_size), generator)
+        return ((x + 1) / 2).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def nll_bpd(self, x: torch.Tensor) -> torch.Tensor:
+        """Upper bound on bits/dim of the 8-bit images x (the variational bound), per image: (B,)."""
+        return self.diffusion.bound_bpd(x * 2 - 1, self.bpd_timesteps)
