@@ -14,6 +14,7 @@ PURE = [
     "genexp.flows",
     "genexp.metrics",
     "genexp.data",
+    "genexp.diffusion",
     "genexp.lr_schedulers",
     "genexp.errors",
     "genexp.resume",

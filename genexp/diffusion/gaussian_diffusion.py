@@ -15,12 +15,9 @@ from torch import nn
 
 from genexp.diffusion.likelihood import p_mean_variance, prior_bpd, vb_term_bpd
 from genexp.diffusion.noise_schedule import NoiseSchedule
-from genexp.diffusion.objectives import OBJECTIVES, check_objective, loss_weight
+from genexp.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES, check_objective, loss_weight
 from genexp.diffusion.samplers import sample_loop
 from genexp.errors import check_choice, check_float, check_int
-
-LOSS_WEIGHTINGS = ("simple", "min_snr")
-
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
