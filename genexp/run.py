@@ -154,7 +154,15 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
             "model.first_stage=null: latent diffusion needs a trained AE/VAE; pass "
             "model.first_stage=<run dir or .ckpt> (or use experiment=ldm_two_stage to train both)"
         )
-    return instantiate(cfg.model, "model", **kwargs)
+    try:
+        return instantiate(cfg.model, "model", **kwargs)
+    except GenexpError as err:
+        # a nested part (net, schedule) reports only its own argument: rebuild the parts one by one
+        # so the error names the full key (model.net.num_groups, not model.num_groups)
+        for name, child in cfg.model.items():
+            if isinstance(child, DictConfig) and "_target_" in child and not child.get("_partial_"):
+                instantiate(child, f"model.{name}")
+        raise err from None
 
 
 FIRST_STAGE_SHARED = ("dataset", "data", "seed", "logger")

@@ -17,7 +17,7 @@ from genexp.diffusion.likelihood import p_mean_variance, prior_bpd, vb_term_bpd
 from genexp.diffusion.noise_schedule import NoiseSchedule
 from genexp.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES, check_objective, loss_weight
 from genexp.diffusion.samplers import sample_loop
-from genexp.errors import check_choice, check_float, check_int
+from genexp.errors import ConfigError, check_choice, check_float, check_int
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -50,7 +50,10 @@ class GaussianDiffusion(nn.Module):
         self.objective = check_objective(objective)
         self.loss_weighting = check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         self.min_snr_gamma = check_float("min_snr_gamma", min_snr_gamma, positive=True)
-        self.sampler = sampler(schedule)  # holds the schedule, not copies: always on its device
+        try:
+            self.sampler = sampler(schedule)  # holds the schedule, not copies: always on its device
+        except ConfigError as err:
+            raise ConfigError(f"sampler.{err.key}", err.value, err.message) from None
 
     @property
     def timesteps(self) -> int:

@@ -1,0 +1,22 @@
+"""Reconstruction error of the autoencoding families (AE, VAE, the LDM's first stage)."""
+
+from __future__ import annotations
+
+import torch
+
+# PSNR of a perfect reconstruction is infinite; per-image MSE is floored here, capping it at 100 dB
+MSE_FLOOR = 1e-10
+
+
+def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
+    """MSE and PSNR of reconstructions of images in [0, 1], (N, C, H, W).
+
+    mse = mean squared error over every pixel; psnr = mean over images of 10 log10(1 / mse_i) in dB
+    (peak value 1), the per-image mean that image-restoration papers report.
+    """
+    if x.shape != x_hat.shape:
+        raise ValueError(f"reconstruction shape {tuple(x_hat.shape)} != image shape {tuple(x.shape)}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    err = (x.to(dtype) - x_hat.to(dtype)).pow(2).flatten(1).mean(1)  # (N,) per-image MSE
+    psnr = -10.0 * torch.log10(err.clamp_min(MSE_FLOOR))
+    return {"mse": float(err.mean()), "psnr": float(psnr.mean())}
