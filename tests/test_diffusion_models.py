@@ -37,8 +37,10 @@ def test_ema_weights_differ_from_raw_and_are_what_checkpoints_load(ddpm_run):
     state = ckpt(ddpm_run)
     assert "current_model_state" in state and "averaging_state" in state
     ema, raw = model_state(state["state_dict"]), model_state(state["current_model_state"])
-    weight = "diffusion.net.out.weight" if "diffusion.net.out.weight" in ema else next(
-        k for k in ema if k.startswith("diffusion.net.") and ema[k].is_floating_point()
+    weight = (
+        "diffusion.net.out.weight"
+        if "diffusion.net.out.weight" in ema
+        else next(k for k in ema if k.startswith("diffusion.net.") and ema[k].is_floating_point())
     )
     assert ema.keys() == raw.keys()
     differ = [k for k in ema if ema[k].is_floating_point() and not torch.equal(ema[k], raw[k])]
@@ -109,7 +111,9 @@ def test_test_bpd_is_the_bound_on_at_most_bpd_images(tmp_path, monkeypatch):
         return original(self, x)
 
     monkeypatch.setattr(DDPM, "nll_bpd", counting)
-    metrics = train(compose_cfg([*tiny("ddpm"), "model.bpd_images=5", "trainer.limit_test_batches=2"], tmp_path))
+    metrics = train(
+        compose_cfg([*tiny("ddpm"), "model.bpd_images=5", "trainer.limit_test_batches=2"], tmp_path)
+    )
     assert sum(seen) == 5  # validation does not compute it (bpd_stages: [test]); test stops at 5 images
     assert metrics["test"]["test/bpd"] > 0
 
@@ -141,7 +145,13 @@ def test_the_sampler_is_chosen_by_config_and_swapped_at_sampling(ddpm_run):
     assert isinstance(loaded.model.diffusion.sampler, DDPMSampler)
     ddim = load_model(
         str(ddpm_run),
-        {"model.sampler": {"_target_": "genexp.diffusion.samplers.DDIMSampler", "_partial_": True, "steps": 5}},
+        {
+            "model.sampler": {
+                "_target_": "genexp.diffusion.samplers.DDIMSampler",
+                "_partial_": True,
+                "steps": 5,
+            }
+        },
     )
     sampler = ddim.model.diffusion.sampler
     assert isinstance(sampler, DDIMSampler) and sampler.num_steps == 5
@@ -174,7 +184,9 @@ def test_every_schedule_trains_and_samples(schedule, tmp_path):
 
 def test_net_that_does_not_fit_the_data_is_refused(tmp_path):
     cfg = compose_cfg([*tiny("ddpm"), "model.net.image_size=32"], tmp_path)
-    with pytest.raises(GenexpError, match=r"model\.net=.*set model\.net\.in_channels and model\.net\.image_size"):
+    with pytest.raises(
+        GenexpError, match=r"model\.net=.*set model\.net\.in_channels and model\.net\.image_size"
+    ):
         build_model(cfg)
 
 
@@ -182,7 +194,9 @@ def test_net_that_does_not_fit_the_data_is_refused(tmp_path):
 
 
 def test_ldm_rejects_a_missing_or_wrong_first_stage(tmp_path):
-    with pytest.raises(GenexpError, match=r"model\.first_stage=null: latent diffusion needs a trained AE/VAE"):
+    with pytest.raises(
+        GenexpError, match=r"model\.first_stage=null: latent diffusion needs a trained AE/VAE"
+    ):
         build_model(compose_cfg(["model=ldm", "dataset=synthetic"], tmp_path))
     missing = tmp_path / "nope"
     with pytest.raises(GenexpError, match=rf"model\.first_stage={missing}: .*no such file or folder"):

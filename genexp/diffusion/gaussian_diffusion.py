@@ -19,6 +19,7 @@ from genexp.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES, check_objec
 from genexp.diffusion.samplers import sample_loop
 from genexp.errors import ConfigError, check_choice, check_float, check_int
 
+
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
