@@ -115,11 +115,16 @@ class GenerativeModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """Families that standardise by training-data statistics (latent diffusion) measure them
-        once, on the same fixed training images on every rank; a resumed run keeps its own."""
+        once, on the same fixed training images on every rank (a resumed run keeps its own); then
+        each rank gets its own noise stream."""
         model = self.model
         if hasattr(model, "calibrate") and not model.calibrated and self.trainer.datamodule is not None:
             x, _ = self.trainer.datamodule.fixed_batch("train", 2048)
             model.calibrate(x.to(self.device))
+        if self.trainer.world_size > 1:
+            # seed_everything gives every rank the same seed, hence the same noise (reparameterisation,
+            # dequantisation, diffusion's t and eps) on every rank: offset it per rank
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)
