@@ -13,7 +13,13 @@ from omegaconf import DictConfig
 
 from genexp.errors import GenexpError
 
-COMMANDS = {"train": "train a model (the default: VAE on mnist5k); writes a run dir under outputs/"}
+COMMANDS = {
+    "train": "train a model (the default: VAE on mnist5k); writes a run dir under outputs/",
+    "sample": "draw images from a trained run: a PNG grid and an .npz (genexp sample ckpt=<run dir>)",
+    "evaluate": "FID/KID/precision-recall, bits/dim, recon, speed of a run -> <run dir>/evaluation.json",
+    "compare": "train every family with several seeds on one budget, evaluate, write a report/",
+    "report": "the comparison report from existing runs (genexp report <sweep or compare dir>)",
+}
 
 USAGE = """usage: genexp <command> [key=value ...] [group=option ...] [-m] [--cfg job] [--help]
 
@@ -28,6 +34,12 @@ examples:
   genexp train ckpt_path=<run dir|.ckpt|latest>      # resume (same run dir, same wandb run)
   genexp train --cfg job                             # print the composed config
   genexp train --help                                # config groups and their options
+  genexp sample ckpt=<run dir> n=64 seed=0           # a grid + .npz in <run dir>/samples/
+  genexp sample ckpt=<run dir> temperature=0.7       # flows; truncation=1.5 for the GAN; sampler=ddim for diffusion
+  genexp evaluate ckpt=<run dir> metrics='[fid,kid,bpd]' eval.num_samples=10000
+  genexp compare dataset=mnist5k seeds=3 budget_minutes=5   # every family; writes compare/mnist5k/report/
+  genexp report multirun/<sweep dir>                 # report from runs that already exist
+  genexp <command> --help                            # that command's keys
 """
 
 
@@ -56,6 +68,76 @@ def train_app(cfg: DictConfig) -> float | None:
     return (metrics or {}).get("test", {}).get(monitor)
 
 
+@hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="sample")
+def sample_app(cfg: DictConfig) -> None:
+    from genexp.sample import sample
+
+    result = _guard(sample, cfg)
+    print(f"{result.num_samples} samples of {result.description}")
+    print(f"{result.samples_per_sec:.1f} samples/s on {result.device}")
+    print(result.png)
+    print(result.npz)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="evaluate")
+def evaluate_app(cfg: DictConfig) -> None:
+    from genexp.evaluate import evaluate, format_metrics
+
+    evaluation, path = _guard(evaluate, cfg)
+    print(format_metrics(evaluation["metrics"]))
+    print(path)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="compare")
+def compare_app(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from genexp.compare import compare
+    from genexp.resume import override_key
+
+    hydra_cfg = HydraConfig.get()
+    # the dataset, accelerator and sampler choices and their dataset.*/sampler.* overrides go to
+    # every training run (the sampler only matters to diffusion families: their sample grids)
+    choices = hydra_cfg.runtime.choices
+    group_args = [f"dataset={choices['dataset']}", f"accelerator={choices['accelerator']}"]
+    if choices.get("sampler"):
+        group_args.append(f"sampler={choices['sampler']}")
+    group_args += [
+        o for o in hydra_cfg.overrides.task if override_key(o).startswith(("dataset.", "sampler."))
+    ]
+    result = _guard(compare, cfg, group_args)
+    print(
+        f"{len(result.jobs)} runs: {len(result.trained)} trained, {len(result.skipped)} skipped, "
+        f"{len(result.failed)} failed, {len(result.evaluated)} evaluated"
+    )
+    print(result.html)
+    print(result.markdown)
+
+
+def report_main(args: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="genexp report",
+        description="Write the comparison report (index.html, report.md) from existing run dirs: "
+        "a genexp compare dir, a Hydra sweep dir, or any folder of run dirs.",
+    )
+    parser.add_argument("dir", help="folder holding run dirs (searched a few levels deep)")
+    parser.add_argument("--out", default=None, help="report folder (default: <dir>/report)")
+    ns = parser.parse_args(args)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from genexp.report import write_report
+
+    html_path, md_path = _guard(write_report, ns.dir, ns.out)
+    print(html_path)
+    print(md_path)
+
+
+APPS = {"train": train_app, "sample": sample_app, "evaluate": evaluate_app, "compare": compare_app}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     relaunched = False
@@ -74,13 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         _fail(f"unknown command {args[0]!r}; commands: {', '.join(COMMANDS)} (see genexp --help)")
         return
+    if command == "report":
+        report_main(args)
+        return
     os.environ["GENEXP_COMMAND"] = command
     if command == "train" and not relaunched:
         from genexp.resume import resume_argv
 
         args = _guard(resume_argv, args)
     sys.argv = [sys.argv[0], *args]
-    train_app()
+    APPS[command]()
 
 
 if __name__ == "__main__":

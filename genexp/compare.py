@@ -315,7 +315,9 @@ def compare(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResu
         *group_args,
         "logger=csv",
         f"trainer.max_time={max_time(float(cfg.budget_minutes))}",
-        "trainer.max_epochs=-1",  # the budget ends training, the same wall-clock for every family
+        # the budget alone ends training, even mid-epoch (then validation, checkpoint and test run)
+        "trainer.max_epochs=-1",
+        "trainer.min_epochs=0",
         *train_args(cfg.get("train_args")),
     ]
     skipped = []
