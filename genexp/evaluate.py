@@ -140,12 +140,44 @@ def json_safe(value: Any) -> Any:
 
 
 def _checkpoint_progress(path: Path) -> dict:
-    """global_step and epoch of a checkpoint (memory-mapped: the weights are not read)."""
+    """global_step, epoch and wandb run id of a checkpoint (memory-mapped: the weights are not read)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+        meta = ckpt.get("genexp") or {}
+        return {
+            "global_step": ckpt.get("global_step"),
+            "epoch": ckpt.get("epoch"),
+            "wandb_id": meta.get("wandb_id"),
+        }
     except Exception:  # an older, non-zip checkpoint; the numbers are provenance only
         return {}
+
+
+def log_to_run_logger(
+    config: DictConfig, run_dir: Path, metrics: dict, step: int | None, wandb_id: str | None
+) -> str | None:
+    """Send the numeric results to the logger the run trained with (wandb: the same run, resumed;
+    csv: appended to its metrics.csv; tensorboard: its log dir), at the checkpoint's step."""
+    from genexp.lit.loggers import finish_wandb
+    from genexp.run import build_logger
+
+    if not config.get("logger"):
+        return None
+    numeric = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    if not numeric:
+        return None
+    logger = build_logger(config, run_dir, wandb_id)
+    try:
+        logger.log_metrics(numeric, step=int(step or 0))
+        logger.save()
+    finally:
+        if type(logger).__name__ == "WandbLogger":
+            finish_wandb(logger)
+        else:
+            logger.finalize("success")
+    return type(logger).__name__
 
 
 @torch.no_grad()
@@ -327,6 +359,15 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
         merged = json.loads(metrics_json.read_text())
         merged["eval"] = {**evaluation["metrics"], "eval/file": str(path)}
         write_json(metrics_json, merged)
+    logged = log_to_run_logger(
+        loaded.config,
+        run_dir,
+        evaluation["metrics"],
+        provenance.get("global_step"),
+        provenance.get("wandb_id"),
+    )
+    if logged:
+        log.info("evaluation logged to the run's %s", logged)
     return evaluation
 
 

@@ -122,3 +122,15 @@ def test_fid_callback_logs_val_fid_and_can_pick_the_best_checkpoint(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "csv", "metrics.json", "samples"]
     assert (run / "checkpoints" / "best.ckpt").is_file()
     assert list((tmp_path / "cache" / "classifier").glob("*.pt")), "the classifier is cached"
+
+
+def test_results_go_to_the_logger_the_run_trained_with(tmp_path):
+    run = tmp_path / "run"
+    train(compose_cfg([*tiny("vae"), "logger=csv"], run))
+    evaluate(compose_app("evaluate", [f"ckpt={run}", "metrics=[fid,bpd]", *FAST]))
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("eval/fid")]
+    assert len(logged) == 1 and float(logged[0]["eval/fid"]) >= 0 and float(logged[0]["eval/bpd"]) > 0
+    assert logged[0]["step"] == "3"  # at the checkpoint's step
+    assert any(r.get("train/loss") for r in rows)  # the training rows are kept

@@ -54,7 +54,7 @@ class EMA(WeightAveraging):
 
 def sampling_family(trainer: pl.Trainer, pl_module: pl.LightningModule):
     """What sample grids should draw from: the EMA weights when an :class:`EMA` callback runs."""
-    for callback in trainer.callbacks:
+    for callback in getattr(trainer, "callbacks", None) or []:
         if isinstance(callback, EMA):
             family = callback.averaged_family()
             if family is not None:
