@@ -45,6 +45,8 @@ LABELS = {
     "glow": "Normalizing flow, Glow",
     "ddpm": "Diffusion, DDPM",
     "ldm": "Latent diffusion",
+    "pixelcnn": "Autoregressive, gated PixelCNN",
+    "pixel_transformer": "Autoregressive, pixel Transformer",
 }
 # a finished run counts as collapsed when its samples cover almost none of the data
 RECALL_COLLAPSE = 0.05  # recall (Kynkaanniemi et al. 2019) below this

@@ -44,6 +44,8 @@ TINY_MODEL: dict[str, list[str]] = {
         "model.bpd_timesteps=4",
         "model.bpd_images=8",
     ],
+    "pixelcnn": ["model.hidden_channels=8", "model.n_layers=2"],
+    "pixel_transformer": ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"],
     # model.first_stage: the session's tiny VAE run (the first_stage_run fixture sets the variable)
     "ldm": [
         "model.first_stage=${oc.env:GENEXP_TEST_FIRST_STAGE}",
