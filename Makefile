@@ -37,7 +37,9 @@ bench: $(STAMP)
 
 # the talk's comparison on CPU: every family x 2 seeds x 3 minutes on mnist5k, evaluated (diffusion
 # sampled with DDIM-50), report in compare/mnist5k/report/; about an hour on 2 cores
-COMPARE_ARGS ?= seeds=2 budget_minutes=3 accelerator=cpu sampler=ddim sampler.steps=50
+# the autoregressive families sample one pixel at a time (~1 sample/s on a CPU core): add them with
+# COMPARE_ARGS="... families=[ae,vae,gan,realnvp,glow,ddpm,pixelcnn,pixel_transformer]" (about +1 h)
+COMPARE_ARGS ?= seeds=2 budget_minutes=3 accelerator=cpu sampler=ddim sampler.steps=50 families=[ae,vae,gan,realnvp,glow,ddpm]
 compare: $(STAMP)
 	$(BIN)/genexp compare dataset=mnist5k $(COMPARE_ARGS) $(ARGS)
 

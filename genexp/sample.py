@@ -88,7 +88,11 @@ def sample_kwargs(model: torch.nn.Module, family: str, temperature: Any, truncat
     params = inspect.signature(model.sample).parameters
     kwargs = {}
     for key, value, which in (
-        ("temperature", temperature, "flows: realnvp, glow"),
+        (
+            "temperature",
+            temperature,
+            "flows and autoregressive models: realnvp, glow, pixelcnn, pixel_transformer",
+        ),
         ("truncation", truncation, "gan"),
     ):
         if value is None:

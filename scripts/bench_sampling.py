@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--families", default="vae,gan,realnvp,glow,ddpm")
+    parser.add_argument("--families", default="vae,gan,realnvp,glow,ddpm,pixelcnn,pixel_transformer")
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--ckpt", nargs="*", default=[], help="run dirs or .ckpt files to measure as trained")
     parser.add_argument("--batch", type=int, default=32)

@@ -189,3 +189,11 @@ def test_instantiate_refuses_targets_outside_the_allow_list(target, tmp_path):
     with pytest.raises(GenexpError, match=r"model\.inner\._target_"):
         check_targets(nested, "model")
     assert not marker.exists()
+
+
+def test_an_experiment_sets_top_level_keys(tmp_path):
+    """train.yaml's own keys (data, seed) come before experiment/, so a recipe's batch size holds."""
+    cfg = compose_cfg(["experiment=dcgan_cifar10"], tmp_path)
+    assert cfg.data.batch_size == 128
+    cfg = compose_cfg(["experiment=dcgan_cifar10", "data.batch_size=32"], tmp_path)
+    assert cfg.data.batch_size == 32  # the command line still wins

@@ -135,7 +135,8 @@ def test_cli_writes_into_the_run_dir_and_prints_the_rate(runs, tmp_path):
     bad = genexp("sample", f"ckpt={run}", "temperature=0.7", "name=never", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
-        "genexp: error: temperature=0.7: ae sampling takes no temperature (it applies to flows: realnvp, glow)"
+        "genexp: error: temperature=0.7: ae sampling takes no temperature (it applies to flows and autoregressive models: "
+        "realnvp, glow, pixelcnn, pixel_transformer)"
     ]
     assert not (run / "samples" / "never.png").exists()
 
