@@ -18,6 +18,14 @@ from genexp.resume import resolve_checkpoint
 from genexp.run import build_model, read_checkpoint
 
 
+class MissingNode(GenexpError):
+    """An override names a node the checkpoint's config does not have (e.g. a sampler for a VAE)."""
+
+    def __init__(self, key: str, config: DictConfig):
+        self.key, self.config = key, config
+        super().__init__(f"{key}: the checkpoint's config has no such node to replace")
+
+
 class LoadedModel(NamedTuple):
     model: nn.Module
     config: DictConfig  # the run's resolved config, as stored in the checkpoint (plus any overrides)
@@ -43,10 +51,8 @@ def load_model(value: str, overrides: dict | None = None) -> LoadedModel:
     if "model" not in config:
         raise GenexpError(f"ckpt_path={path}: the checkpoint holds no model config")
     for key, node in (overrides or {}).items():
-        if OmegaConf.select(config, key) is None and key.rsplit(".", 1)[0] != key:
-            parent = OmegaConf.select(config, key.rsplit(".", 1)[0])
-            if parent is None:
-                raise GenexpError(f"{key}: the checkpoint's config has no {key.rsplit('.', 1)[0]} node")
+        if OmegaConf.select(config, key) is None:
+            raise MissingNode(key, config)
         OmegaConf.update(config, key, node, merge=False)
     model = build_model(config)
     try:

@@ -7,7 +7,6 @@ batch size give the same images.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import logging
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genexp.checkpoints import LoadedModel, load_model
+from genexp.checkpoints import LoadedModel, MissingNode, load_model
 from genexp.errors import ConfigError, GenexpError, check_choice, check_float, check_int
 from genexp.lit.fid_callback import sample_uint8
 
@@ -63,24 +62,17 @@ def load_for_sampling(ckpt: str, sampler: dict | None = None) -> LoadedModel:
     """The model of ``ckpt``; ``sampler`` (a ``sampler/`` node) replaces the run's ``model.sampler``.
 
     The node replaces the stored one as a whole (another sampler class takes other arguments: DDPM's
-    ``variance`` is not DDIM's), so the model is rebuilt with it and given the loaded weights.
+    ``variance`` is not DDIM's); the model is built once, with it.
     """
-    loaded = load_model(ckpt)
     if sampler is None:
-        return loaded
-    if "sampler" not in loaded.config.model:
+        return load_model(ckpt)
+    try:
+        return load_model(ckpt, {"model.sampler": sampler})
+    except MissingNode as err:
         raise GenexpError(
-            f"sampler: {family_name(loaded.config)} has no sampler to choose (only diffusion families "
+            f"sampler: {family_name(err.config)} has no sampler to choose (only diffusion families "
             "have a model.sampler); drop the sampler option"
-        )
-    from genexp.run import build_model
-
-    config = copy.deepcopy(loaded.config)
-    config.model.sampler = OmegaConf.create(sampler)
-    model = build_model(config)
-    model.load_state_dict(loaded.model.state_dict())
-    model.eval()
-    return LoadedModel(model, config, loaded.path)
+        ) from None
 
 
 def sample_kwargs(model: torch.nn.Module, family: str, temperature: Any, truncation: Any) -> dict:

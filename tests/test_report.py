@@ -13,21 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY
 from test_sample_cli import genexp
 
 from genexp.errors import GenexpError
 from genexp.report import TALK_RATINGS, read_run, summarize, summary_cells, write_report
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored; CI keeps the screenshot
+# conftest's tiny run, less what compare sets itself (dataset, accelerator, logger, epochs)
 TINY_TRAIN = " ".join(
     [
-        "trainer.limit_train_batches=3",
-        "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1",
-        "trainer.log_every_n_steps=1",
-        "data.batch_size=16",
-        "callbacks.sample_grid.num_samples=4",
-        "callbacks.sample_grid.latent_points=32",
+        *(o for o in TINY if o.startswith(("trainer.limit_", "trainer.log_every", "data.", "callbacks."))),
         "model.base_channels=8",  # ae and vae share these two keys, so one multirun takes both
         "model.latent_dim=4",
     ]
