@@ -6,9 +6,14 @@ config (or a checkpoint's stored config) cannot run arbitrary code.
 
 from __future__ import annotations
 
+import errno
+import inspect
 import json
 import logging
 import math
+import os
+import pickle
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,9 +27,13 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.lit.callbacks import EpochSummary, Throughput
+from genexp.lit.checkpointing import AtomicCheckpointIO, Preempted, ResumePosition, slurm_plugins
+from genexp.lit.divergence import DivergenceGuard
 from genexp.lit.gan_module import GANModule
 from genexp.lit.loggers import finish_wandb, prepare_wandb_kwargs
 from genexp.lit.module import GenerativeModule
+from genexp.lit.performance import Performance, clips_under_amp
+from genexp.lit.rng_state import RNGState
 
 log = logging.getLogger("genexp")
 
@@ -42,21 +51,43 @@ def quiet_third_party() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # the training order resumes mid-epoch (genexp/data/order.py), though Lightning cannot tell
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     warnings.filterwarnings("ignore", message=r".*is an invalid version and will not be supported.*")
     # latent diffusion keeps its frozen first stage in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 ALLOWED_TARGET_PREFIXES = ("genexp.", "torch.optim.", "pytorch_lightning.")
+# the file system refusing a write (full disk, quota, file size limit, read-only): a one-line error
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS}
+
+
+def _defined_in_allowed_package(target: str) -> bool:
+    """Whether the object ``target`` names is defined under an allowed package.
+
+    ``genexp.cli.os.system`` starts with ``genexp.`` yet reaches ``os.system`` through a module
+    attribute, so the prefix alone is not enough: the object's own module must be allowed too."""
+    from hydra._internal.utils import _locate  # get_object's lookup, without its error log
+
+    try:
+        obj = _locate(target)
+    except Exception:  # noqa: BLE001 - a missing target is reported by instantiate with its key
+        return True
+    module = getattr(obj, "__name__", "") if inspect.ismodule(obj) else getattr(obj, "__module__", None)
+    return f"{module}.".startswith(ALLOWED_TARGET_PREFIXES)
 
 
 def check_targets(node: Any, key: str) -> None:
     """Refuse any ``_target_`` outside the allow-list, anywhere inside ``node``."""
     if isinstance(node, DictConfig | dict):
         target = node.get("_target_")
-        if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+        if target is not None and not (
+            str(target).startswith(ALLOWED_TARGET_PREFIXES) and _defined_in_allowed_package(str(target))
+        ):
             raise GenexpError(
-                f"{key}._target_={target}: not allowed; targets must start with {', '.join(ALLOWED_TARGET_PREFIXES)}"
+                f"{key}._target_={target}: not allowed; a target must be defined in "
+                f"{', '.join(ALLOWED_TARGET_PREFIXES)} (no other code runs from a config)"
             )
         for k, v in node.items():
             if k != "_target_":
@@ -68,7 +99,16 @@ def check_targets(node: Any, key: str) -> None:
 
 def instantiate(node: Any, key: str, **kwargs) -> Any:
     """Allow-listed ``hydra.utils.instantiate`` whose errors name the config key."""
-    check_targets(node, key)
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        check_targets(node, key)  # reads every value: a ``???`` or a broken ${...} fails here
+    except MissingMandatoryValue as err:
+        name = getattr(err, "full_key", None) or key
+        raise GenexpError(f"{name}=???: a required value; pass {name}=<value>") from None
+    except OmegaConfBaseException as err:
+        first = str(err).strip().splitlines()[0]
+        raise GenexpError(f"{getattr(err, 'full_key', None) or key}: {first}") from None
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except hydra.errors.InstantiationException as err:
@@ -77,7 +117,10 @@ def instantiate(node: Any, key: str, **kwargs) -> Any:
             raise GenexpError(f"{key}.{cause.key}={cause.value!r}: {cause.message}") from None
         if isinstance(cause, GenexpError):
             raise cause from None
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        # "Error loading 'x':" says what follows on the next line
+        first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines or [""])[0]
+        first = first or type(cause).__name__
         raise GenexpError(f"{key}: {first}") from None
 
 
@@ -99,6 +142,17 @@ def validate(cfg: DictConfig) -> None:
     except ConfigError as err:
         raise GenexpError(str(err)) from None
     refuse_ddp_sweep(cfg)
+    refuse_missing_gpu(cfg)
+
+
+def refuse_missing_gpu(cfg: DictConfig) -> None:
+    """``accelerator=gpu`` on a machine without CUDA: say so, instead of Lightning's backend error."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise GenexpError(
+            f"trainer.accelerator={accelerator}: no CUDA GPU is visible here; "
+            "use accelerator=cpu (or accelerator=auto, which takes a GPU when there is one)"
+        )
 
 
 def refuse_ddp_sweep(cfg: DictConfig) -> None:
@@ -106,9 +160,12 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
     Hydra sweep there (a known Lightning/Hydra pitfall): refuse it with the fix."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
+    if TorchElasticEnvironment.detect() or SLURMEnvironment.detect():
+        return  # srun/torchrun started every rank (hydra/launcher=slurm): Lightning launches nothing
     strategy = str(cfg.trainer.get("strategy", "auto"))
     if (
         strategy.startswith("ddp")
@@ -117,7 +174,7 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
     ):
         raise GenexpError(
             f"trainer.strategy={strategy} with a -m sweep would replay the sweep in every process; "
-            "use trainer.strategy=ddp_spawn for local sweeps, or launch one run per job"
+            "use trainer.strategy=ddp_spawn for local sweeps, or hydra/launcher=slurm (srun starts the ranks)"
         )
 
 
@@ -125,14 +182,64 @@ def read_checkpoint(path: Path) -> dict:
     """Load a genexp checkpoint safely (``weights_only=True``): a pickle that would run code is refused."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle refused by weights_only, not a checkpoint at all
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError as err:  # weights_only met a global it does not allow: nothing ran
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
         raise GenexpError(
-            f"ckpt_path={path}: cannot load it safely as a checkpoint ({first[:200]})"
+            f"ckpt_path={path}: cannot load it safely as a checkpoint: it holds pickled Python objects{what} "
+            "that weights_only=True refuses, so nothing in it was run; use a checkpoint genexp wrote"
+        ) from None
+    except Exception as err:  # truncated zip, empty file, not a PyTorch file at all
+        first = str(err).strip().splitlines()[0].split(". ")[0][:120] if str(err).strip() else ""
+        first = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        raise GenexpError(
+            f"ckpt_path={path}: cannot load it safely as a checkpoint: truncated or not a PyTorch file "
+            f"({first}); use another checkpoint of the run (checkpoints/best.ckpt) or retrain"
         ) from None
     if not isinstance(ckpt, dict) or "genexp" not in ckpt or "state_dict" not in ckpt:
         raise GenexpError(f"ckpt_path={path}: not a genexp checkpoint (no genexp section)")
     return ckpt
+
+
+def check_weights_fit(module: torch.nn.Module, state_dict: dict, path: Path) -> None:
+    """A checkpoint of the same family with other sizes (``model.latent_dim``) fails here naming the
+    first tensor that differs, before training, not in Lightning's page of size mismatches."""
+    own = module.state_dict()
+    for name, tensor in state_dict.items():
+        if name in own and hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(own[name].shape):
+            raise GenexpError(
+                f"ckpt_path={path}: its weights do not fit this model ({name} is {tuple(tensor.shape)} there, "
+                f"{tuple(own[name].shape)} here); pass the run's own model.* settings, or its run dir"
+            )
+
+
+def write_refusal(err: BaseException) -> OSError | None:
+    """The file system's refusal (full disk, size limit, read-only) behind ``err``, if any: torch's
+    zip writer reports a failed write as a RuntimeError raised while handling the OSError."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRORS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def check_writable(output_dir: Path) -> None:
+    """A run dir that cannot be written fails now, not at the first checkpoint or sample grid."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(output_dir, os.W_OK | os.X_OK)
+    except OSError as err:
+        writable, reason = False, err.strerror
+    else:
+        reason = "permission denied"
+    if not writable:
+        raise GenexpError(
+            f"paths.output_dir={output_dir}: cannot write there ({reason}); "
+            "pick a writable folder with paths.log_dir=<folder> or hydra.run.dir=<folder>"
+        )
 
 
 def load_checkpoint_meta(path: Path) -> dict:
@@ -165,7 +272,7 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
         raise err from None
 
 
-FIRST_STAGE_SHARED = ("dataset", "data", "seed", "logger")
+FIRST_STAGE_SHARED = ("dataset", "data", "seed", "logger", "performance")
 FIRST_STAGE_TRAINER = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 
 
@@ -241,13 +348,19 @@ def train(cfg: DictConfig) -> dict:
     quiet_third_party()
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir)
     ckpt_path = None
     wandb_id = None
-    if cfg.get("ckpt_path"):
-        from genexp.resume import resolve_checkpoint
+    resumed_state = None
+    from genexp.resume import requeue_checkpoint, resolve_checkpoint
 
-        ckpt_path = resolve_checkpoint(str(cfg.ckpt_path))
-        meta = load_checkpoint_meta(ckpt_path)
+    # a requeued SLURM job (or restarted torchrun) is back in its run dir: continue from there
+    requeued = None if cfg.get("ckpt_path") else requeue_checkpoint(output_dir)
+    if cfg.get("ckpt_path") or requeued:
+        ckpt_path = requeued or resolve_checkpoint(str(cfg.ckpt_path))
+        resumed = read_checkpoint(ckpt_path)
+        meta, resumed_state = resumed["genexp"], resumed["state_dict"]
+        del resumed  # the optimizer states: Lightning loads its own copy in fit
         stored = (meta.get("config") or {}).get("model", {}).get("_target_")
         if stored and stored != cfg.model.get("_target_"):
             raise GenexpError(
@@ -255,15 +368,26 @@ def train(cfg: DictConfig) -> dict:
                 "pass the same model (or the run dir, which replays its overrides)"
             )
         wandb_id = meta.get("wandb_id")
-        log.info("resuming from %s", ckpt_path)
+        log.info(
+            "resuming from %s%s", ckpt_path, " (a restarted job, back in its run dir)" if requeued else ""
+        )
 
     if cfg.get("first_stage_train"):
         train_first_stage(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # speed options (configs/performance/): the Trainer's precision, the optimizer's kernels, device
+    # data here; channels_last and compile as its callback hooks, in every process
+    performance = instantiate(cfg.performance, "performance") if cfg.get("performance") else Performance()
+    precision = performance.trainer_precision(
+        cfg.trainer.get("precision"),
+        cfg.trainer.get("accelerator", "auto"),
+        cfg.trainer.get("strategy", "auto"),
+    )
     dataset = instantiate(cfg.dataset, "dataset")
-    datamodule = instantiate(cfg.data, "data", dataset=dataset)
+    datamodule = instantiate(cfg.data, "data", dataset=dataset, device_data=performance.device_data)
     model = build_model(cfg)
-    optimizer = instantiate(cfg.optimizer, "optimizer")
+    clipped_amp = clips_under_amp(precision, cfg.trainer.get("gradient_clip_val"), model)
+    optimizer = performance.optimizer(instantiate(cfg.optimizer, "optimizer"), clipped_amp)
     try:  # a dry build so a bad optimizer setting fails now, not after the first epoch
         optimizer([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
@@ -273,12 +397,26 @@ def train(cfg: DictConfig) -> dict:
     config = plain_config(cfg)
     # the family's contract picks the glue: adversarial families (d_loss/g_loss) train two networks
     module_class = GANModule if hasattr(model, "d_loss") else GenerativeModule
-    module = module_class(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
+    divergence = instantiate(cfg.divergence, "divergence") if cfg.get("divergence") else DivergenceGuard()
+    module = module_class(
+        model=model, optimizer=optimizer, scheduler=scheduler, config=config, divergence=divergence
+    )
+    if resumed_state is not None:
+        check_weights_fit(module, resumed_state, ckpt_path)
+        resumed_state = None
     callbacks: list[pl.Callback] = [
         instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
     ]
     throughput = Throughput()
     callbacks += [throughput, EpochSummary()]
+    # before the configured callbacks: its setup converts the model before an EMA copies it
+    callbacks.insert(0, performance)
+    # exact resume (docs/reliability.md): the random streams' hooks run before other callbacks
+    # draw random numbers; the step checkpoint saves after the EMA has taken the step
+    callbacks.insert(0, RNGState())
+    callbacks.append(ResumePosition())  # a run stopped by max_steps/max_time resumes its epoch
+    step_checkpoint = instantiate(cfg.checkpoint, "checkpoint") if cfg.get("checkpoint") else None
+    callbacks += [divergence, *([step_checkpoint] if step_checkpoint else [])]
     # a Rich bar in a terminal, plain epoch lines otherwise; trainer.enable_progress_bar decides if set
     progress = cfg.trainer.get("enable_progress_bar")
     progress = sys.stdout.isatty() if progress is None else bool(progress)
@@ -302,6 +440,9 @@ def train(cfg: DictConfig) -> dict:
         logger=logger,
         enable_progress_bar=progress,
         enable_checkpointing=checkpointing,  # callbacks=none means no checkpoints, not Lightning's default ones
+        # atomic, finite-only checkpoint writes; under SLURM genexp, not Lightning, handles preemption
+        plugins=[AtomicCheckpointIO(), *slurm_plugins(bool(step_checkpoint and step_checkpoint.preemption))],
+        precision=precision,
     )
 
     # trained parameters only (a GAN's EMA copy of G is not counted)
@@ -327,6 +468,35 @@ def train(cfg: DictConfig) -> dict:
         test = trainer.test(
             module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False
         )
+    except pl.utilities.exceptions.SIGTERMException:
+        # Lightning's own SIGTERM handling (testing; genexp's handles the fit) would exit with 0
+        log.warning("preempted by SIGTERM outside training; the checkpoints are complete")
+        raise Preempted(f"preempted by SIGTERM; resume with: genexp train ckpt_path={output_dir}") from None
+    except pl.utilities.exceptions.MisconfigurationException as err:
+        # the monitored metric is only known once the first validation has logged its metrics
+        logged = re.search(r"returned metrics: \[(.*?)\]", str(err))
+        if "could not find the monitored key" not in str(err) or not logged:
+            raise
+        names = [n.strip(" '") for n in logged.group(1).split(",") if n.strip(" '").startswith("val/")]
+        raise GenexpError(
+            f"monitor.metric={cfg.get('monitor', {}).get('metric')}: the run logs no such metric; "
+            f"pick one of {', '.join(names)}"
+        ) from None
+    except torch.cuda.OutOfMemoryError:
+        size = int(cfg.data.batch_size)
+        raise GenexpError(
+            f"out of GPU memory with data.batch_size={size}: try data.batch_size={max(1, size // 2)} "
+            "(or trainer.precision=bf16-mixed, a smaller model); checkpoints already saved are kept"
+        ) from None
+    except (OSError, RuntimeError) as err:
+        refused = write_refusal(err)
+        if refused is None:
+            raise
+        full = refused.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        raise GenexpError(
+            f"cannot write {refused.filename or output_dir}: {refused.strerror}; {'free space or ' if full else ''}"
+            "write elsewhere with paths.log_dir=<folder> (the last complete checkpoint is kept)"
+        ) from None
     finally:
         if logger and type(logger).__name__ == "WandbLogger":
             finish_wandb(logger)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from genexp.errors import check_int
 
@@ -24,34 +24,42 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
-class EpochSampler(Sampler[int]):
-    """Indices ``epoch_permutation(num_samples, seed, epoch)``; Lightning calls ``set_epoch``.
+class EpochSampler(DistributedSampler):
+    """This rank's share of ``epoch_permutation(num_samples, seed, epoch)``; Lightning calls ``set_epoch``.
+
+    Under DDP rank r takes ``order[r::world_size]`` of the order padded with its own head to a
+    multiple of ``world_size`` (how ``DistributedSampler`` splits, and the device-resident loader
+    too). It is a ``DistributedSampler`` so that Lightning keeps it instead of wrapping it in one
+    that would split the order after ``start_at`` has shortened it.
 
     Args:
         num_samples: dataset length.
         seed: the run's seed.
+        rank, world_size: this process's share under DDP (0 and 1 on one device).
     """
 
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples = check_int("num_samples", num_samples, minimum=0)
-        self.seed = check_int("seed", seed, minimum=0)
-        self.epoch = 0
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        check_int("num_samples", num_samples, minimum=0)
+        check_int("seed", seed, minimum=0)
+        check_int("world_size", world_size, minimum=1)
+        check_int("rank", rank, minimum=0)
+        # range(): DistributedSampler only needs the length; it sets num_samples (per rank) and total_size
+        super().__init__(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self._skip: tuple[int, int] | None = None  # (epoch, samples) to skip once, after a resume
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def start_at(self, epoch: int, samples: int) -> None:
-        """Begin ``epoch`` at position ``samples`` of its order (once): a run resumed mid-epoch
-        continues with the batches it had not trained on yet."""
+        """Begin ``epoch`` at position ``samples`` of this rank's share (once): a run resumed
+        mid-epoch continues with the batches it had not trained on yet."""
         self.epoch = int(epoch)
         self._skip = (int(epoch), check_int("samples", samples, minimum=0))
 
-    def __len__(self) -> int:
-        return self.num_samples
-
     def __iter__(self) -> Iterator[int]:
-        order = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        order = epoch_permutation(len(self.dataset), self.seed, self.epoch)
+        if self.num_replicas > 1:
+            pad = self.total_size - len(order)
+            if pad and len(order):
+                order = torch.cat([order, order.repeat(-(-pad // len(order)))[:pad]])
+            order = order[self.rank :: self.num_replicas]
         if self._skip is not None and self._skip[0] == self.epoch:
             order = order[self._skip[1] :]
             self._skip = None

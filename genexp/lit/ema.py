@@ -33,6 +33,7 @@ class EMA(WeightAveraging):
         self.decay = decay
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self.start_step = check_int("start_step", start_step, minimum=0)
+        self._raw_state: dict | None = None  # the raw weights once training ended (on_train_end)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.every_n_steps == 0
@@ -45,6 +46,20 @@ class EMA(WeightAveraging):
         # average from the fit still exists)
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning copies the average into the module here; a last.ckpt that ModelCheckpoint writes
+        # after this (its own on_train_end, in a resumed run) must still hold the raw weights as
+        # current_model_state, or resuming it would continue training from the average
+        self._raw_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw_state is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._raw_state
 
     def averaged_family(self) -> object | None:
         """The family (``pl_module.model``) holding the averaged weights, once training has begun."""

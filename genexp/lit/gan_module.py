@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from genexp.errors import GenexpError
+from genexp.lit.divergence import DivergenceGuard
 
 log = logging.getLogger("genexp")
 
@@ -42,6 +43,8 @@ class GANModule(pl.LightningModule):
     scheduler: ``(optimizer, total_steps=...) -> LRScheduler`` or None, one per network, stepped
         once per G step.
     config: the resolved run config as plain containers, stored in every checkpoint.
+    divergence: what a non-finite D or G loss does (stop, or skip that network's update);
+        run.py also registers it as a callback, which checks both networks' gradients.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class GANModule(pl.LightningModule):
         optimizer: Callable,
         scheduler: Callable | None = None,
         config: dict | None = None,
+        divergence: DivergenceGuard | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -57,6 +61,7 @@ class GANModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.config = config or {}
+        self.divergence = divergence or DivergenceGuard()
         self.wandb_id: str | None = None
         self._log_grad_norms = False
         self._grad_norms: dict[str, torch.Tensor] = {}
@@ -106,14 +111,20 @@ class GANModule(pl.LightningModule):
             with self.toggled_optimizer(opt_d):
                 d_out = self.model.d_loss(x, y)
                 opt_d.zero_grad(set_to_none=True)
-                self.manual_backward(d_out.loss)
+                d_loss = d_out.loss
+                if self.divergence.check_loss(self, d_out, "train", batch_idx, network="discriminator"):
+                    d_loss = self.divergence.zero_loss(self.model.discriminator.parameters())  # no update
+                self.manual_backward(d_loss)
                 # not opt_d.step(): LightningOptimizer.step would count this step in global_step
                 self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
         with self.toggled_optimizer(opt_g):  # D frozen: no gradients computed for it
             g_out = self.model.g_loss(x, y)
             opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(g_out.loss)
-            opt_g.step()
+            g_loss = g_out.loss
+            if self.divergence.check_loss(self, g_out, "train", batch_idx, network="generator"):
+                g_loss = self.divergence.zero_loss(self.model.generator.parameters())
+            self.manual_backward(g_loss)
+            opt_g.step()  # also when skipped (no gradients, no update): global_step counts the batch
         self.model.update_ema()
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from genexp.errors import GenexpError
+from genexp.lit.divergence import DivergenceGuard
 
 
 class GenerativeModule(pl.LightningModule):
@@ -22,6 +22,8 @@ class GenerativeModule(pl.LightningModule):
     optimizer: ``params -> Optimizer`` (a ``_partial_`` from ``optimizer/``).
     scheduler: ``(optimizer, total_steps=...) -> LRScheduler`` or None (``scheduler/``).
     config: the resolved run config as plain containers, stored in every checkpoint.
+    divergence: what a non-finite loss does (stop, or skip the step); run.py also registers it
+        as a callback, which checks gradients and weights.
     """
 
     def __init__(
@@ -30,12 +32,14 @@ class GenerativeModule(pl.LightningModule):
         optimizer: Callable,
         scheduler: Callable | None = None,
         config: dict | None = None,
+        divergence: DivergenceGuard | None = None,
     ):
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.config = config or {}
+        self.divergence = divergence or DivergenceGuard()
         self.wandb_id: str | None = None
         self._bpd_seen = 0
 
@@ -47,28 +51,13 @@ class GenerativeModule(pl.LightningModule):
         """
         return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
-    def _check_finite(self, loss: torch.Tensor, stage: str, batch_idx: int) -> None:
-        """Stop the run on a NaN/Inf loss, before backward and the optimizer step, so neither the
-        weights nor any checkpoint become non-finite. Ranks decide together (a sum over the
-        process group), so under DDP every rank stops instead of the others waiting in all-reduce.
-        Costs one host-device sync per step.
-        """
-        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bad.item() > 0:
-            raise GenexpError(
-                f"{type(self.model).__name__}: non-finite {stage} loss ({loss.item()}) at global step "
-                f"{self.global_step} (epoch {self.current_epoch + 1}, batch {batch_idx}); stopped before "
-                "any weight update or checkpoint with it. Try a lower optimizer.lr or "
-                "trainer.gradient_clip_val=1.0"
-            )
-
     def _step(self, batch, stage: str, batch_idx: int = 0) -> torch.Tensor:
         x, y = batch
         out = self.model.loss(x, y)
         n = x.shape[0]
-        self._check_finite(out.loss, stage, batch_idx)
+        # a non-finite loss stops the run before backward, or skips the step (divergence.skip_steps)
+        if self.divergence.check_loss(self, out, stage, batch_idx):
+            return self.divergence.zero_loss(self.model.parameters())
         if stage == "train":  # per-step curves under plain keys (train/loss)
             self.log(
                 "train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
