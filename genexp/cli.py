@@ -12,6 +12,11 @@ import hydra
 from omegaconf import DictConfig
 
 from genexp.errors import GenexpError
+from genexp.rundir import register_resolvers
+
+# the run dir resolvers (configs/train.yaml hydra.run.dir): registered on import, so a submitit job
+# that unpickles a Hydra app of this module resolves them too
+register_resolvers()
 
 COMMANDS = {
     "train": "train a model (the default: VAE on mnist5k); writes a run dir under outputs/",
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
 
         args = _guard(resume_argv, args)
     sys.argv = [sys.argv[0], *args]
+    from genexp.hydra_errors import report_in_one_line
+
+    report_in_one_line(_fail)  # Hydra's composition errors (unknown option, misspelled key) as one line
     APPS[command]()
 
 

@@ -88,3 +88,21 @@ def resume_argv(args: list[str]) -> list[str]:
         and not override_key(o).startswith("hydra.")
     ]
     return replay + rest + out + [f"hydra.run.dir={quote(str(run_dir))}"]
+
+
+def requeue_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a restarted job (a requeued SLURM job, a torchrun restart) resumes from.
+
+    Such a job recomputes the same run dir (``genexp.rundir``) with the same arguments; it continues
+    from the newest checkpoint there: ``checkpoints/last.ckpt`` or Lightning's ``hpc_ckpt_<n>.ckpt``
+    (written at SLURM's pre-emption signal when Lightning handles the requeue). None for a first
+    run, so a run never resumes by accident from a directory it did not write.
+    """
+    from genexp.rundir import is_restart
+
+    if not is_restart():
+        return None
+    found = [
+        p for p in (run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None
