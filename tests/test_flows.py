@@ -102,7 +102,9 @@ def test_log_det_equals_slogdet_of_the_autograd_jacobian(name):
         )
         assert jac.shape == (xi.numel(), xi.numel())
         expected = torch.linalg.slogdet(jac).logabsdet
-        assert log_det[i].item() == pytest.approx(expected.item(), abs=1e-8)
+        # slogdet's LU of a badly conditioned coupling Jacobian carries ~1e-8 of float64 rounding that
+        # depends on the CPU's BLAS kernels; a wrong log-det formula is off by far more than 1e-6
+        assert log_det[i].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n not in ("squeeze", "logit")])

@@ -34,6 +34,19 @@ def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     return resize_square(tensor[None], image_size)[0]
 
 
+def _read_cache(path: Path) -> dict | None:
+    """The decoded images cached at ``path``; None (decode again) if the file is unreadable, is not
+    weights-only (a pickle that would run code is refused, never run) or is not a cache of ours."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or not isinstance(blob.get("images"), torch.Tensor):
+            raise ValueError("not a decoded-images cache")
+        return blob
+    except Exception as err:  # noqa: BLE001 - a bad cache is rebuilt, never fatal
+        log.warning("image cache %s is unusable (%s); decoding the images again", path, type(err).__name__)
+        return None
+
+
 class ImageFolder(ImageSource):
     """Images from ``root`` (searched recursively), split train/val/test by a seeded permutation.
 
@@ -108,8 +121,8 @@ class ImageFolder(ImageSource):
     def load(self) -> Splits:
         files = self.files()
         cache = self._cache_path(files)
-        if cache is not None and cache.is_file():
-            blob = torch.load(cache, weights_only=True)
+        blob = _read_cache(cache) if cache is not None and cache.is_file() else None
+        if blob is not None:
             images, labels = blob["images"], blob.get("labels")
         else:
             images, labels = self.decode_all(files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import time
@@ -140,6 +141,10 @@ class SampleGrid(pl.Callback):
                         latent_scatter(
                             z.cpu(), y.cpu(), path, f"latents of {len(x)} validation images ({tag})"
                         )
+                        # a figure is a web of reference cycles, and with torch's many long-lived
+                        # objects a full collection rarely runs: a long run grew ~1 MB per plot
+                        # (tests/test_long_run.py). The young generations hold it: ~2 ms
+                        gc.collect(1)
                         self._done(trainer, "latents", path, tag)
         finally:
             model.train(was_training)

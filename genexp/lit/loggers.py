@@ -7,6 +7,7 @@ import netrc
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 log = logging.getLogger("genexp")
 
@@ -23,9 +24,9 @@ def _has_wandb_key() -> bool:
         return False
 
 
-def _reachable(host: str, timeout: float = 2.0) -> bool:
+def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -37,8 +38,13 @@ def wandb_mode() -> str:
         return os.environ["WANDB_MODE"]
     if not _has_wandb_key():
         return "offline"
-    base = os.environ.get("WANDB_BASE_URL", "").removeprefix("https://").removeprefix("http://").split("/")[0]
-    return "online" if _reachable(base.split(":")[0] or WANDB_HOST) else "offline"
+    base = os.environ.get("WANDB_BASE_URL") or f"https://{WANDB_HOST}"
+    url = urlsplit(base if "://" in base else f"https://{base}")
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)  # a local server's own port, not 443
+    except ValueError:  # a port out of range: no server to reach
+        return "offline"
+    return "online" if _reachable(url.hostname or WANDB_HOST, port) else "offline"
 
 
 def prepare_wandb_kwargs(kwargs: dict, run_id: str | None) -> dict:
