@@ -31,9 +31,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check genexp tests scripts
 	$(BIN)/ruff format --check genexp tests scripts
 
+# every CPU benchmark, one markdown table each, JSON under $(BENCH_DIR); an estimated 6-8 minutes on 2 cores
+# (docs/benchmarks.md). The GPU check is separate: scripts/bench_gpu.py on a CUDA machine.
+BENCH_DIR ?= outputs/bench
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_overhead.py
-	$(BIN)/python scripts/bench_sampling.py
+	$(BIN)/python scripts/bench_train.py --json $(BENCH_DIR)/train.json
+	$(BIN)/python scripts/bench_sampling.py --device cpu --json $(BENCH_DIR)/sampling.json
+	$(BIN)/python scripts/bench_overhead.py --repeats 2 --json $(BENCH_DIR)/overhead.json
+	$(BIN)/python scripts/bench_data.py --json $(BENCH_DIR)/data.json
+	$(BIN)/python scripts/bench_ddp.py --json $(BENCH_DIR)/ddp.json
 
 # the talk's comparison on CPU: every family x 2 seeds x 3 minutes on mnist5k, evaluated (diffusion
 # sampled with DDIM-50), report in compare/mnist5k/report/; about an hour on 2 cores

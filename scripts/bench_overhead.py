@@ -10,13 +10,14 @@ Both are timed the way ``genexp.lit.callbacks.Throughput`` times training: per e
 to the last batch end (validation, checkpoints and epoch-end work excluded). To see each epoch the
 script swaps ``genexp.run.Throughput`` for a subclass that keeps the per-epoch numbers, so the first
 epoch can be left out as warm-up. Runs alternate (plain, genexp, plain, ...) ``--repeats`` times in
-one process. Rows: the median over repeats (the headline ratio; target <= 1.10), the best single
+one process. Rows: the median over repeats (the headline ratio; target <= 1.05), the best single
 epoch (robust to other load on the machine, which only ever adds time), and the median including the
 warm-up epoch (its genexp side is the ``train_img_per_sec`` that ``train()`` returns).
 
 ``train()`` adds a progress bar when stdout is a terminal, which costs time per step: the table says
 whether it was on. Extra ``key=value`` arguments are Hydra overrides for both sides; a tiny net
-(``model.base_channels=2 --batch-size 16``) makes the per-step overhead itself stand out.
+(``model.base_channels=2 --batch-size 16``) makes the per-step overhead itself stand out; tiny data
+(``dataset=synthetic dataset.num_images=200``) makes a smoke run.
 
     python scripts/bench_overhead.py [--model vae|ae] [--batch-size 128] [--epochs 3] [--threads N]
                                      [--repeats 3] [--json PATH] [key=value ...]
@@ -41,7 +42,7 @@ from hydra import compose, initialize_config_module
 import genexp.run
 from genexp.lit.callbacks import Throughput
 
-TARGET = 1.10
+TARGET = 1.05  # the target for the runner's overhead
 
 
 class EpochThroughput(Throughput):
@@ -113,8 +114,10 @@ def rate(epochs: list[tuple[int, float]]) -> float:
     return sum(n for n, _ in epochs) / sum(s for _, s in epochs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=["ae", "vae"], default="vae")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up when > 1")
@@ -124,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides for both sides (model.base_channels=8)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("pytorch_lightning", "lightning_fabric"):  # "GPU available: False" etc. per run
@@ -156,12 +159,19 @@ def main() -> None:
             ms(statistics.median(returned)),
         ),
     }
-    print(f"\n{'':24}{'plain':>9}{'genexp':>9}{'ratio':>8}")
+    device = f"cpu ({torch.get_num_threads()} threads)"
+    print("\n| measure | model | batch | plain ms/step | genexp ms/step | ratio | device | torch |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (plain, ours) in rows.items():
-        print(f"{name:24}{plain:9.1f}{ours:9.1f}{ours / plain:8.3f}")
+        print(
+            f"| {name} | {args.model} | {args.batch_size} | {plain:.1f} | {ours:.1f} | {ours / plain:.3f} | "
+            f"{device} | torch {torch.__version__} |"
+        )
     plain, ours = rows["ms/step (median)"]
     ratio = ours / plain
-    print(f"{'img/s (median)':24}{1000 * args.batch_size / plain:9.0f}{1000 * args.batch_size / ours:9.0f}")
+    print(
+        f"img/s (median): plain {1000 * args.batch_size / plain:.0f}, genexp {1000 * args.batch_size / ours:.0f}"
+    )
     print(f"ratio genexp/plain {ratio:.3f}: {'ok' if ratio <= TARGET else 'ABOVE'} target <= {TARGET}")
     tty = sys.stdout.isatty()  # train() adds a RichProgressBar when stdout is a terminal
     print(
