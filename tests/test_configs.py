@@ -26,6 +26,10 @@ GROUPS = [
     "trainer",
     "paths",
     "experiment",
+    "performance",
+    "checkpoint",
+    "divergence",
+    "hydra/launcher",
 ]
 
 
@@ -50,7 +54,7 @@ def test_yaml_keys_are_constructor_arguments(tmp_path):
 
     from hydra.utils import get_class, get_method
 
-    for group in ["model", "dataset", "optimizer", "lr_scheduler", "logger"]:
+    for group in ["model", "dataset", "optimizer", "lr_scheduler", "logger", "performance", "checkpoint", "divergence"]:
         for option in group_options(group):
             overrides = [f"{group}={option}"] + (
                 ["dataset.root=" + str(tmp_path)] if option == "image_folder" else []
