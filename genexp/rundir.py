@@ -134,11 +134,21 @@ def on_rank_zero(value):
 
 
 def slurm_tasks(devices) -> int:
-    """The ``genexp_slurm_tasks`` resolver: ``trainer.devices`` as srun tasks per node (an int)."""
+    """The ``genexp_slurm_tasks`` resolver: ``trainer.devices`` as srun tasks per node (an int).
+
+    ``auto`` (``accelerator=ddp``) counts the GPUs of the submitting machine, taken to be a node like
+    the ones it submits to; a login node without GPUs cannot know, so the run is refused."""
+    if devices == "auto":
+        import torch  # only when a SLURM sweep resolves its launcher, never for tab completion
+
+        count = torch.cuda.device_count()
+        if count > 0:
+            return count
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise GenexpError(
             f"trainer.devices={devices}: hydra/launcher=slurm starts one task per device and needs "
-            "their number; pass trainer.devices=<GPUs per node>, e.g. trainer.devices=8"
+            "their number (this machine has no GPU to count); pass trainer.devices=<GPUs per node>, "
+            "e.g. trainer.devices=8"
         )
     return devices
 

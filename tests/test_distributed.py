@@ -269,6 +269,19 @@ def test_slurm_launcher_needs_a_number_of_devices(tmp_path):
     assert "Traceback" not in out.stderr + out.stdout
 
 
+def test_slurm_devices_auto_counts_the_gpus_of_the_submitting_machine(monkeypatch):
+    """``accelerator=ddp`` (devices=auto) submitted from a GPU node asks for that node's GPU count;
+    from a machine without GPUs it is refused (the subprocess test above)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert rundir.slurm_tasks("auto") == 8 and rundir.slurm_gpus("gpu", "auto") == 8
+    assert rundir.slurm_gpus("cpu", "auto") is None and rundir.slurm_tasks(4) == 4  # a number wins
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(
+        GenexpError, match=r"^trainer.devices=auto: hydra/launcher=slurm .* trainer.devices=8$"
+    ):
+        rundir.slurm_tasks("auto")
+
+
 def test_printing_the_config_claims_no_run_dir(tmp_path):
     for args in (["--cfg", "job"], ["--help"]):
         out = subprocess.run(
