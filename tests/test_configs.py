@@ -54,7 +54,16 @@ def test_yaml_keys_are_constructor_arguments(tmp_path):
 
     from hydra.utils import get_class, get_method
 
-    for group in ["model", "dataset", "optimizer", "lr_scheduler", "logger", "performance", "checkpoint", "divergence"]:
+    for group in [
+        "model",
+        "dataset",
+        "optimizer",
+        "lr_scheduler",
+        "logger",
+        "performance",
+        "checkpoint",
+        "divergence",
+    ]:
         for option in group_options(group):
             overrides = [f"{group}={option}"] + (
                 ["dataset.root=" + str(tmp_path)] if option == "image_folder" else []
