@@ -145,6 +145,14 @@ def validate(cfg: DictConfig) -> None:
     refuse_missing_gpu(cfg)
 
 
+def launched_rank() -> int:
+    """This process's rank as its launcher set it: torchrun, srun, or Lightning's own DDP children
+    (``LOCAL_RANK`` on one node, ``NODE_RANK`` across nodes); 0 in the process a user started."""
+    from genexp.rundir import process_rank
+
+    return max(process_rank(), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("NODE_RANK", "0")))
+
+
 def refuse_missing_gpu(cfg: DictConfig) -> None:
     """``accelerator=gpu`` on a machine without CUDA: say so, instead of Lightning's backend error."""
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
@@ -346,6 +354,8 @@ def train(cfg: DictConfig) -> dict:
     """Fit, test and write ``metrics.json``; return the metrics. Raises GenexpError for user errors."""
     start = time.perf_counter()
     quiet_third_party()
+    if launched_rank() > 0:  # rank 0 reports the run; the others keep warnings and errors only
+        log.setLevel(logging.WARNING)
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)

@@ -116,6 +116,9 @@ def test_ddp_run_trains_checkpoints_resumes_and_writes_one_set_of_files(tmp_path
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 3
     first = wandb_runs(run_dir)
     assert len(first) == 1, first  # rank 1 starts no wandb run
+    # rank 0 reports the run; rank 1's own log keeps its warnings only, not a second report
+    assert "test: test/" not in (run_dir / "train_ddp_process_1.log").read_text()
+    assert "test: test/" in (run_dir / "train.log").read_text()
     wandb_id = first[0].rsplit("-", 1)[1]
 
     run([GENEXP, "train", f"ckpt_path={run_dir}", "trainer.max_epochs=2"], cwd=work, WANDB_MODE="offline")
