@@ -224,7 +224,9 @@ def test_checkpoint_group_builds_and_its_keys_are_constructor_arguments(tmp_path
         instantiate(compose_cfg(["checkpoint.every_n_steps=0"], tmp_path).checkpoint, "checkpoint")
 
 
-def test_every_n_steps_writes_last_ckpt_at_step_boundaries(tiny_cfg, tmp_path, monkeypatch):
+@pytest.fixture
+def saved_steps(monkeypatch) -> list[tuple[str, int]]:
+    """(file name, global step) of every checkpoint written, in order."""
     steps = []
     original = AtomicCheckpointIO.save_checkpoint
 
@@ -233,24 +235,20 @@ def test_every_n_steps_writes_last_ckpt_at_step_boundaries(tiny_cfg, tmp_path, m
         original(self, ckpt, path, storage_options)
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    return steps
+
+
+def test_every_n_steps_writes_last_ckpt_at_step_boundaries(tiny_cfg, saved_steps):
     train(tiny_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=4", "checkpoint.every_n_steps=3"))
     # step 3 and 6 by the step checkpoint; 4 and 8 (last and best) at the epoch ends
-    assert [s for name, s in steps if name == "last.ckpt"] == [3, 4, 6, 8]
+    assert [s for name, s in saved_steps if name == "last.ckpt"] == [3, 4, 6, 8]
 
 
-def test_every_minutes_writes_last_ckpt_when_the_time_has_come(tiny_cfg, monkeypatch):
-    steps = []
-    original = AtomicCheckpointIO.save_checkpoint
-
-    def record(self, ckpt, path, storage_options=None):
-        steps.append((Path(path).name, ckpt["global_step"]))
-        original(self, ckpt, path, storage_options)
-
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+def test_every_minutes_writes_last_ckpt_when_the_time_has_come(tiny_cfg, saved_steps, monkeypatch):
     clock = iter(range(0, 10_000, 20))  # 20 s a call: a save every third step with 1 minute
     monkeypatch.setattr(StepCheckpoint, "clock", staticmethod(lambda: next(clock)))
     train(tiny_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=4", "checkpoint.every_minutes=1"))
-    assert [s for name, s in steps if name == "last.ckpt"] == [3, 4, 6, 8]
+    assert [s for name, s in saved_steps if name == "last.ckpt"] == [3, 4, 6, 8]
 
 
 def test_under_slurm_genexp_handles_preemption_and_requeues(tmp_path, monkeypatch):

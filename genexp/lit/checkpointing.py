@@ -194,6 +194,7 @@ class StepCheckpoint(pl.Callback):
         self._previous_handlers: dict[int, Any] = {}
         self._last_save = self.clock()
         self._saved_step = -1
+        self._slow_step = 0.0  # fault injection (GENEXP_FAULT_SLOW_STEP), read once per fit
         self.saves = 0
 
     @property
@@ -231,6 +232,7 @@ class StepCheckpoint(pl.Callback):
             self._signal = signal.SIGTERM
         self._install()
         self._last_save = self.clock()
+        self._slow_step = _fault_seconds("GENEXP_FAULT_SLOW_STEP")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
@@ -248,9 +250,8 @@ class StepCheckpoint(pl.Callback):
 
     # ------------------------------------------------------------ saving
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        slow = _fault_seconds("GENEXP_FAULT_SLOW_STEP")
-        if slow:
-            time.sleep(slow)
+        if self._slow_step:
+            time.sleep(self._slow_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.fit_loop._should_accumulate():
