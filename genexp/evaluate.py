@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from genexp import atomic
 from genexp.errors import GenexpError, check_choice, check_int
 from genexp.lit.fid_callback import SPLITS, feature_extractor, sample_uint8
 from genexp.sample import (
@@ -372,10 +373,7 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, payload)
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import inspect
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from genexp import atomic
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.lit.callbacks import EpochSummary, Throughput
 from genexp.lit.checkpointing import AtomicCheckpointIO, Preempted, ResumePosition, slurm_plugins
@@ -143,6 +143,9 @@ def validate(cfg: DictConfig) -> None:
         raise GenexpError(str(err)) from None
     refuse_ddp_sweep(cfg)
     refuse_missing_gpu(cfg)
+    from genexp import preflight
+
+    preflight.check(cfg)
 
 
 def launched_rank() -> int:
@@ -336,10 +339,7 @@ def build_logger(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
 
 @rank_zero_only
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, payload)
 
 
 def _scalar(value: Any) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genexp import atomic
 from genexp.data.base import ImageSource, Splits, random_split, resize_square
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 
@@ -127,10 +128,7 @@ class ImageFolder(ImageSource):
         else:
             images, labels = self.decode_all(files)
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp")
-                torch.save({"images": images, "labels": labels}, tmp)
-                tmp.replace(cache)
+                atomic.save_torch({"images": images, "labels": labels}, cache)
         self.num_classes = 0 if labels is None else int(labels.max()) + 1
         n = len(images)
         n_val = max(1, round(n * self.val_fraction))

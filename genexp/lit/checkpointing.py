@@ -28,6 +28,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
+from genexp.atomic import fsync_dir, temp_path
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 
 log = logging.getLogger("genexp")
@@ -52,12 +53,6 @@ class Preempted(SystemExit):
 def _fault_seconds(name: str) -> float:
     value = os.environ.get(name)
     return float(value) if value else 0.0
-
-
-def temp_path(path: Path) -> Path:
-    """Where ``path`` is written before the rename: hidden, same folder (a rename within one file
-    system is atomic), one per process."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def nonfinite_tensors(checkpoint: dict) -> list[str]:
@@ -118,7 +113,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException as err:  # also KeyboardInterrupt: never a half-written file left
             tmp.unlink(missing_ok=True)
             refused = _os_error(err)
@@ -139,20 +134,6 @@ def _os_error(err: BaseException | None) -> OSError | None:
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a power cut after os.replace could otherwise undo it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some file systems do not open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class StepCheckpoint(pl.Callback):

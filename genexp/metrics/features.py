@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from genexp import atomic
 from genexp.errors import GenexpError
 from genexp.metrics.classifier import SmallCNN, accuracy, train_classifier
 
@@ -219,13 +220,7 @@ def _load_classifier(path: Path, key: str) -> tuple[SmallCNN, float] | None:
 
 def save_atomic(blob: dict, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.save_torch(blob, path)
 
 
 def classifier_features(
