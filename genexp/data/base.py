@@ -8,13 +8,15 @@ converted a whole batch at a time, so an epoch costs no per-item decoding.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from genexp.errors import check_choice, check_int
+from genexp.errors import GenexpError, check_choice, check_int
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +125,28 @@ def random_split(
         parts.append(ImageTensorDataset(images[idx], None if labels is None else labels[idx]))
         start += size
     return parts
+
+
+def check_cache_dir(cache_dir: str | os.PathLike | None, key: str = "paths.cache_dir") -> Path | None:
+    """``cache_dir`` as a Path (``~`` expanded; None: no cache) if it is a folder or can be made one.
+
+    Checked when the config is built, so a ``$GENEXP_CACHE`` that names a file fails before any work
+    with the key and the fix, not at the first cache write as "Not a directory" (a folder that
+    cannot be written is only a warning there: caches are optional)."""
+    if cache_dir is None or str(cache_dir) in ("", "None"):
+        return None
+    path = Path(str(cache_dir)).expanduser()
+    for part in (path, *path.parents):  # the nearest part that exists must be a folder
+        try:
+            if part.is_dir():
+                return path
+            is_file = part.exists()
+        except OSError:  # not even readable: the cache write will say so (a warning)
+            return path
+        if is_file:
+            what = "is" if part == path else f"is under {part}, which is"
+            raise GenexpError(
+                f"{key}={path}: {what} a file, not a folder; set GENEXP_CACHE=<folder> or "
+                f"{key}=<folder> (a folder, created if missing)"
+            )
+    return path
