@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,16 +22,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genexp import atomic
-from genexp.errors import GenexpError, check_choice, check_int
+from genexp.errors import GenexpError, check_choice
 from genexp.lit.fid_callback import SPLITS, feature_extractor, sample_uint8
 from genexp.sample import (
     _user,
+    check_count,
+    check_seed,
     family_name,
     load_for_sampling,
     resolve_device,
     run_dir_of_checkpoint,
     sample_kwargs,
     sampler_description,
+    writable_folder,
+    write_failed,
 )
 
 log = logging.getLogger("genexp")
@@ -74,23 +79,30 @@ class EvalSettings:
     cache_dir: str = field(default_factory=lambda: str(Path("~/.cache/genexp").expanduser()))
 
     def check(self) -> EvalSettings:
-        metrics = [self.metrics] if isinstance(self.metrics, str) else list(self.metrics)
+        metrics = [self.metrics] if isinstance(self.metrics, str) else self.metrics
+        if not isinstance(metrics, list | tuple) and not OmegaConf.is_list(metrics):
+            raise GenexpError(
+                f"metrics={self.metrics!r}: must be a list of {', '.join(METRICS)}; pass metrics='[fid,bpd]'"
+            )
+        metrics = list(metrics)
         for name in metrics:
             _user(lambda n=name: check_choice("metrics", n, METRICS))
         if not metrics:
             raise GenexpError(f"metrics=[]: name at least one of {', '.join(METRICS)}")
         self.metrics = tuple(dict.fromkeys(metrics))
-        _user(lambda: check_int("eval.num_samples", self.num_samples, minimum=4))
+        check_count("eval.num_samples", self.num_samples, minimum=4)
         if self.num_real is not None:
-            _user(lambda: check_int("eval.num_real", self.num_real, minimum=4))
+            check_count("eval.num_real", self.num_real, minimum=4)
         _user(lambda: check_choice("eval.reference", self.reference, SPLITS))
-        _user(lambda: check_int("eval.batch_size", self.batch_size, minimum=1))
-        _user(lambda: check_int("eval.kid_subset_size", self.kid_subset_size, minimum=2))
+        check_count("eval.batch_size", self.batch_size)
+        check_count("eval.kid_subset_size", self.kid_subset_size, minimum=2)
         _user(lambda: check_choice("features", self.features, ("classifier", "inception")))
-        _user(lambda: check_int("eval.classifier_epochs", self.classifier_epochs, minimum=1))
-        _user(lambda: check_int("eval.speed_batch_size", self.speed_batch_size, minimum=1))
-        _user(lambda: check_int("eval.speed_repeats", self.speed_repeats, minimum=1))
-        _user(lambda: check_int("seed", self.seed, minimum=0))
+        check_count("eval.classifier_epochs", self.classifier_epochs)
+        check_count("eval.speed_batch_size", self.speed_batch_size)
+        check_count("eval.speed_repeats", self.speed_repeats)
+        check_seed(self.seed)
+        if not self.cache_dir:
+            raise GenexpError("cache_dir='': empty; pass cache_dir=<a folder> or set GENEXP_CACHE=<a folder>")
         return self
 
     def fingerprint(self) -> dict:
@@ -244,6 +256,11 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
     start = time.perf_counter()
     device = resolve_device(settings.device)
     wanted = set(settings.metrics)
+    target = evaluation_file(out)
+    if wanted & set(FIDELITY):  # the feature classifier and the real statistics are cached there
+        writable_folder(
+            "cache_dir", Path(settings.cache_dir), example="<a writable folder> (or set GENEXP_CACHE)"
+        )
     extractor = None
     if settings.features == "inception" and wanted & set(FIDELITY):  # a missing weights file fails first
         extractor, info = feature_extractor(
@@ -256,6 +273,7 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
     loaded = load_for_sampling(ckpt, settings.sampler)
     family = family_name(loaded.config)
     kwargs = sample_kwargs(loaded.model, family, settings.temperature, settings.truncation)
+    path = target or evaluation_file(run_dir_of_checkpoint(loaded.path) / "evaluation.json")
     model = loaded.model.to(device)
     if "dataset" not in loaded.config:
         raise GenexpError(f"ckpt={ckpt}: the checkpoint's config has no dataset to evaluate against")
@@ -353,13 +371,11 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
             "settings": settings.fingerprint(),
         }
     )
-    path = Path(out).expanduser() if out else run_dir / "evaluation.json"
-    write_json(path, evaluation)
-    metrics_json = run_dir / "metrics.json"
-    if metrics_json.is_file():  # beside the test metrics of the run
-        merged = json.loads(metrics_json.read_text())
-        merged["eval"] = {**evaluation["metrics"], "eval/file": str(path)}
-        write_json(metrics_json, merged)
+    try:
+        write_json(path, evaluation)
+    except OSError as err:
+        raise write_failed("out", path, err) from None
+    merge_into_metrics(run_dir / "metrics.json", evaluation["metrics"], path)
     logged = log_to_run_logger(
         loaded.config,
         run_dir,
@@ -372,6 +388,39 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
     return evaluation
 
 
+def evaluation_file(out: str | Path | None, key: str = "out") -> Path | None:
+    """The file ``out=`` names (None: the run dir's), refused before any work where it cannot be
+    written: a folder, under a file, read-only."""
+    if out in (None, ""):
+        return None
+    path = Path(str(out)).expanduser()
+    if path.is_dir():
+        raise GenexpError(
+            f"{key}={path}: is a folder; pass {key}=<a file>.json (or {key}={path}/evaluation.json)"
+        )
+    writable_folder(key, path.parent, value=path, example="<a writable folder>/evaluation.json")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise GenexpError(f"{key}={path}: is read-only; pass {key}=<a writable file>.json")
+    return path
+
+
+def merge_into_metrics(metrics_json: Path, metrics: dict, path: Path) -> None:
+    """The results beside the run's test metrics in its ``metrics.json``; a file that cannot be read
+    or written is left as it is, with a warning (the evaluation itself is already written)."""
+    if not metrics_json.is_file():
+        return
+    try:
+        merged = json.loads(metrics_json.read_text())
+        if not isinstance(merged, dict):
+            raise ValueError("not a JSON object")
+        merged["eval"] = {**metrics, "eval/file": str(path)}
+        write_json(metrics_json, merged)
+    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+        log.warning(
+            "%s left as it was (%s: %s); the evaluation is in %s", metrics_json, type(err).__name__, err, path
+        )
+
+
 def write_json(path: Path, payload: dict) -> None:
     atomic.write_json(path, payload)
 
@@ -381,12 +430,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     if not cfg.get("ckpt"):
         raise GenexpError("ckpt: missing; pass ckpt=<run dir|.ckpt|latest>")
     settings = settings_from_config(cfg)
-    evaluation = evaluate_checkpoint(str(cfg.ckpt), settings, cfg.get("out"))
-    path = (
-        Path(cfg.out).expanduser()
-        if cfg.get("out")
-        else Path(evaluation["provenance"]["run_dir"]) / "evaluation.json"
-    )
+    out = cfg.get("out")
+    evaluation = evaluate_checkpoint(str(cfg.ckpt), settings, out)
+    path = evaluation_file(out) or Path(evaluation["provenance"]["run_dir"]) / "evaluation.json"
     return evaluation, path
 
 

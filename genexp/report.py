@@ -4,16 +4,25 @@
 dir, or any folder of run dirs), reads each run's ``metrics.json``, ``evaluation.json``, CSV log
 and sample grids, and writes ``index.html`` and ``report.md`` (plus ``images/``) into the report
 folder. Families are grouped by their ``model`` option; every number is an aggregate over seeds.
+
+The report folder may hold the user's own files: the report writes, replaces and removes only the
+files it wrote itself, listed with their SHA-256 in ``.genexp-report.json`` (its manifest), and
+refuses, before writing anything, to overwrite a file it did not write (or one changed since). A
+run file that cannot be read (a corrupt ``metrics.json``) is skipped with a warning naming it.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import html
+import io
 import json
 import logging
 import math
-import shutil
+import os
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from genexp import atomic
 from genexp.errors import GenexpError
 
 log = logging.getLogger("genexp")
@@ -55,18 +65,39 @@ NA = "n/a"
 CURVE_KEYS = ("val/fid", "val/bpd", "val/loss", "val/mse", "val/energy")
 
 
-def _read_json(path: Path) -> dict | None:
+MANIFEST = ".genexp-report.json"  # in the report folder: the files the report wrote, with their SHA-256
+OWNED_NAME = re.compile(r"index\.html|report\.md|images/[^/\\]+_(samples|curves)\.png")
+
+
+def _read_json(path: Path, consequence: str = "it is left out") -> dict | None:
+    """A JSON object from ``path``; None if missing, or (with a warning naming the file) unreadable,
+    corrupt or not an object: one bad file must not stop a report of many runs."""
+    if not path.exists():
+        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON {type(value).__name__}, not an object")
+        return value
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("report: skipping %s (%s: %s); %s", path, type(err).__name__, err, consequence)
         return None
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        log.warning(
+            "report: skipping %s (%s); the run's family and seed are guessed", path, type(err).__name__
+        )
         return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _dict(value: Any) -> dict:
+    """``value`` if it is a mapping, else {} (a hand-edited file may hold anything)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _number(value: Any) -> float | None:
@@ -102,12 +133,12 @@ class Run:
         return self.path.name
 
     def eval(self, key: str) -> Any:
-        return (self.evaluation.get("metrics") or {}).get(f"eval/{key}")
+        return _dict(self.evaluation.get("metrics")).get(f"eval/{key}")
 
     @property
     def sampling(self) -> str:
         """How the evaluation sampled, where it matters (a diffusion sampler, temperature, truncation)."""
-        sampling = (self.evaluation.get("provenance") or {}).get("sampling") or {}
+        sampling = _dict(_dict(self.evaluation.get("provenance")).get("sampling"))
         parts = [f"{k} {v:g}" for k, v in sampling.items() if k != "sampler" and isinstance(v, int | float)]
         sampler = sampling.get("sampler")
         if isinstance(sampler, dict):
@@ -123,14 +154,14 @@ class Run:
             return NA
         if _number(value) is not None:
             return float(value)
-        return _number((self.metrics.get("test") or {}).get("test/bpd"))
+        return _number(_dict(self.metrics.get("test")).get("test/bpd"))
 
     @property
     def diverged(self) -> bool:
         """Failed (a non-finite loss stops a run), or non-finite test metrics, samples or FID."""
         if self.status == "failed":
             return True
-        test = self.metrics.get("test") or {}
+        test = _dict(self.metrics.get("test"))
         if any(_nonfinite(v) for v in test.values()):
             return True
         return bool(self.eval("nonfinite_samples")) or _nonfinite(self.eval("fid"))
@@ -155,25 +186,24 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 def read_run(path: Path) -> Run:
     config = _read_yaml(path / ".hydra" / "config.yaml")
-    choices = (
-        (_read_yaml(path / ".hydra" / "hydra.yaml").get("hydra") or {}).get("runtime", {}).get("choices", {})
-    )
-    target = str((config.get("model") or {}).get("_target_", "?"))
+    runtime = _dict(_dict(_read_yaml(path / ".hydra" / "hydra.yaml").get("hydra")).get("runtime"))
+    choices = _dict(runtime.get("choices"))
+    target = str(_dict(config.get("model")).get("_target_", "?"))
     family = str(choices.get("model") or target.rsplit(".", 1)[-1].lower())
     dataset = str(
-        choices.get("dataset") or str((config.get("dataset") or {}).get("_target_", "?")).rsplit(".", 1)[-1]
+        choices.get("dataset") or str(_dict(config.get("dataset")).get("_target_", "?")).rsplit(".", 1)[-1]
     )
     seed = config.get("seed") if isinstance(config.get("seed"), int) else None
-    metrics = _read_json(path / "metrics.json")
+    metrics = _read_json(path / "metrics.json", "the run is listed as unfinished")
     failed = _read_json(path / "compare_failed.json")
     status, error = (
         ("finished", "")
         if metrics
-        else ("failed", (failed or {}).get("error", ""))
+        else ("failed", str((failed or {}).get("error", "")))
         if failed
         else ("unfinished", "")
     )
-    evaluation = _read_json(path / "evaluation.json") or {}
+    evaluation = _read_json(path / "evaluation.json", "the run's evaluation is left out") or {}
     if evaluation.get("error"):
         error = f"evaluation: {evaluation['error']}"
     grids = sorted((path / "samples").glob("epoch_*_samples.png"))
@@ -365,32 +395,45 @@ def run_cells(run: Run) -> list[str]:
 
 
 def read_curves(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """``{column: [(x, value)]}`` from a Lightning CSV log; train columns against step, val against epoch."""
+    """``{column: [(x, value)]}`` from a Lightning CSV log; train columns against step, val against
+    epoch. A log that cannot be read gives no curves and a warning naming it."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return _curves(csv.DictReader(f))
+    except (OSError, ValueError, csv.Error) as err:
+        log.warning(
+            "report: skipping %s (%s: %s); no loss curves for this run", path, type(err).__name__, err
+        )
+        return {}
+
+
+def _curves(rows) -> dict[str, list[tuple[float, float]]]:
+    """Finite values of the train/ and val/ columns of a CSV log's rows, against step or epoch."""
     curves: dict[str, list[tuple[float, float]]] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            for key, raw in row.items():
-                if not key or not raw or not (key.startswith("train/") or key.startswith("val/")):
-                    continue
-                axis = row.get("step") if key.startswith("train/") else row.get("epoch")
-                try:
-                    x, y = float(axis), float(raw)
-                except (TypeError, ValueError):
-                    continue
-                if math.isfinite(y):
-                    curves.setdefault(key, []).append((x, y))
+    for row in rows:
+        for key, raw in row.items():
+            if not key or not raw or not (key.startswith("train/") or key.startswith("val/")):
+                continue
+            axis = row.get("step") if key.startswith("train/") else row.get("epoch")
+            try:
+                x, y = float(axis), float(raw)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(y):
+                curves.setdefault(key, []).append((x, y))
     return curves
 
 
-def plot_curves(run: Run, path: Path) -> bool:
-    """Training losses against step and validation metrics against epoch, side by side."""
+def plot_curves(run: Run) -> bytes | None:
+    """Training losses against step and validation metrics against epoch, side by side, as PNG
+    bytes (None: no CSV log, or nothing in it to plot)."""
     if run.csv is None:
-        return False
+        return None
     curves = read_curves(run.csv)
     train = {k: v for k, v in curves.items() if k.startswith("train/") and k.endswith("loss")}
     val = {k: v for k, v in curves.items() if k in CURVE_KEYS}
     if not train and not val:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,9 +456,10 @@ def plot_curves(run: Run, path: Path) -> bool:
     axes[1].set_title("validation", fontsize=9)
     fig.suptitle(run.name, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return True
+    return buffer.getvalue()
 
 
 def provenance(runs: list[Run]) -> str:
@@ -488,44 +532,137 @@ figcaption { font-size: 0.8em; }
 </style>"""
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def report_folder(out: Path) -> Path:
+    """``out``, created if missing; refused in one line before any work when it cannot hold the report."""
+    if out.exists() and not out.is_dir():
+        raise GenexpError(f"--out={out}: is a file, not a folder; pass --out <a folder> (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GenexpError(
+            f"--out={out}: cannot create it ({err.strerror}); pass --out <a writable folder>"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise GenexpError(f"--out={out}: the folder is read-only; pass --out <a writable folder>")
+    return out
+
+
+def owned_files(out: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of the files the last report in ``out`` wrote (its manifest)."""
+    manifest = _read_json(out / MANIFEST, "files there count as the user's") or {}
+    files = _dict(manifest.get("files"))
+    # only names the report writes: a hand-made manifest cannot point it at other files
+    return {str(k): str(v) for k, v in files.items() if OWNED_NAME.fullmatch(str(k))}
+
+
+def _is_owned(path: Path, digest: str | None) -> bool:
+    """Whether ``path`` is a file the report wrote and nobody changed since."""
+    if digest is None or not path.is_file() or path.is_symlink():
+        return False
+    try:
+        return _sha256(path.read_bytes()) == digest
+    except OSError:
+        return False
+
+
+def check_overwrites(out: Path, files: dict[str, bytes], owned: dict[str, str]) -> None:
+    """Refuse, before anything is written, to replace a file the report did not write (a user's
+    photo in ``images/``, an ``index.html`` of their own) or one changed since it wrote it."""
+    for rel in ["images", *files]:
+        path = out / rel
+        if rel == "images":
+            if path.exists() and not path.is_dir():
+                raise GenexpError(
+                    f"--out={out}: images is a file, and the report puts its images in an images/ folder; "
+                    "move it away or pass --out <another folder>"
+                )
+            continue
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if _is_owned(path, owned.get(rel)) or (path.is_file() and path.read_bytes() == files[rel]):
+            continue
+        raise GenexpError(
+            f"--out={out}: {rel} exists and genexp report did not write it (or it was changed since), so it "
+            "is not overwritten; move it away or pass --out <another folder>"
+        )
+
+
+def commit_files(out: Path, files: dict[str, bytes], owned: dict[str, str]) -> None:
+    """Write ``files`` atomically, remove the report's own files of last time that it no longer
+    writes (runs gone from the folder), then the manifest; a failed write is one line."""
+    rel = MANIFEST
+    try:
+        for rel, data in files.items():
+            atomic.write_bytes(out / rel, data)
+        for rel, digest in owned.items():
+            if rel not in files and _is_owned(out / rel, digest):
+                (out / rel).unlink()
+        rel = MANIFEST
+        manifest = {"written_by": "genexp report", "files": {k: _sha256(v) for k, v in files.items()}}
+        atomic.write_json(out / MANIFEST, manifest)
+    except OSError as err:
+        fix = "free space there or pass --out <another folder>"
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            fix = "pass --out <a writable folder>"
+        raise GenexpError(
+            f"--out={out}: cannot write {rel} ({err.strerror or type(err).__name__}); {fix}"
+        ) from None
+
+
+def gallery_files(runs: list[Run]) -> tuple[dict[str, bytes], list[tuple[Run, list[tuple[str, str, str]]]]]:
+    """The images of every run (its last sample grid, its loss curves) and each run's figures."""
+    files: dict[str, bytes] = {}
+    gallery = []
+    for run in runs:
+        figs = []
+        if run.grid is not None:
+            name = f"images/{run.name}_samples.png"
+            try:
+                files[name] = run.grid.read_bytes()
+                epoch = run.grid.stem.split("_")[1].lstrip("0") or "0"
+                figs.append((name, f"samples after epoch {epoch}", "samples"))
+            except OSError as err:
+                log.warning("report: skipping %s (%s)", run.grid, err.strerror or type(err).__name__)
+        curves = plot_curves(run)
+        if curves is not None:
+            name = f"images/{run.name}_curves.png"
+            files[name] = curves
+            figs.append((name, "loss curves", "curves"))
+        gallery.append((run, figs))
+    return files, gallery
+
+
+def setup_line(root: Path, runs: list[Run], families: int) -> str:
+    meta = _read_json(root / "compare.json", "the setup line leaves out the seeds and budget") or {}
+    line = f"{len(runs)} runs of {families} families"
+    seeds, budget = meta.get("seeds"), _number(meta.get("budget_minutes"))
+    if seeds is not None and budget is not None:
+        line += f", seeds {seeds}, {budget:g} min budget each"
+    return line + f"; generated {time.strftime('%Y-%m-%d %H:%M')}"
+
+
 def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``index.html`` and ``report.md`` for the runs under ``root``; return their paths."""
+    """Write ``index.html`` and ``report.md`` for the runs under ``root``; return their paths.
+
+    Only files the report owns are written or replaced (module docstring)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise GenexpError(f"report: {root}: no such folder")
     out = Path(out).expanduser().resolve() if out else root / "report"
-    paths = [p for p in find_run_dirs(root) if out not in p.parents]
+    paths = [p for p in find_run_dirs(root) if out not in p.parents and p != out]
     if not paths:
         raise GenexpError(f"report: no run dirs (with .hydra/config.yaml) under {root}")
+    report_folder(out)
     runs = [read_run(p) for p in paths]
     rows = summarize(runs)
-    images = out / "images"
-    if images.exists():
-        shutil.rmtree(images)
-    images.mkdir(parents=True)
-
-    gallery: list[tuple[Run, list[tuple[str, str, str]]]] = []
-    for run in runs:
-        figs = []
-        if run.grid is not None:
-            name = f"{run.name}_samples.png"
-            shutil.copyfile(run.grid, images / name)
-            epoch = run.grid.stem.split("_")[1].lstrip("0") or "0"
-            figs.append((f"images/{name}", f"samples after epoch {epoch}", "samples"))
-        name = f"{run.name}_curves.png"
-        if plot_curves(run, images / name):
-            figs.append((f"images/{name}", "loss curves", "curves"))
-        gallery.append((run, figs))
-
-    meta = _read_json(root / "compare.json") or {}
+    files, gallery = gallery_files(runs)
     datasets = sorted({r.dataset for r in runs})
     title = f"genexp comparison — {', '.join(datasets)}"
-    setup = (
-        f"{len(runs)} runs of {len(rows)} families"
-        + (f", seeds {meta['seeds']}, {meta['budget_minutes']:g} min budget each" if meta else "")
-        + f"; generated {time.strftime('%Y-%m-%d %H:%M')}"
-    )
-    fid_line = provenance(runs)
+    setup = setup_line(root, runs, len(rows))
     summary_rows = [summary_cells(r) for r in rows]
     run_rows = [run_cells(r) for r in runs]
     notes = (
@@ -535,10 +672,22 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
         "Learning stability: the standard deviation of FID across seeds, the runs that diverged "
         "(failed, or non-finite metrics or samples) and the runs that collapsed "
         f"(recall < {RECALL_COLLAPSE} or sample diversity < {DIVERSITY_COLLAPSE} of the data's). "
-        f"Fidelity: means over seeds; {fid_line}. Generation speed: samples per second at a fixed batch "
+        f"Fidelity: means over seeds; {provenance(runs)}. Generation speed: samples per second at a fixed batch "
         "on the evaluation device."
     )
+    tables = (summary_rows, run_rows, notes)
+    files["index.html"] = (html_page(title, setup, tables, gallery) + "\n").encode("utf-8")
+    files["report.md"] = markdown_page(title, setup, tables, gallery).encode("utf-8")
+    owned = owned_files(out)
+    check_overwrites(out, files, owned)
+    commit_files(out, files, owned)
+    html_path = out / "index.html"
+    log.info("report: %d runs, %d families -> %s", len(runs), len(rows), html_path)
+    return html_path, out / "report.md"
 
+
+def html_page(title: str, setup: str, tables: tuple, gallery: list) -> str:
+    summary_rows, run_rows, notes = tables
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">{html.escape(setup)}</p>',
@@ -559,7 +708,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         body.append("</section>")
-    page = "\n".join(
+    return "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
@@ -571,9 +720,10 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
             "</body></html>",
         ]
     )
-    html_path = out / "index.html"
-    html_path.write_text(page + "\n", encoding="utf-8")
 
+
+def markdown_page(title: str, setup: str, tables: tuple, gallery: list) -> str:
+    summary_rows, run_rows, notes = tables
     md = [
         f"# {title}",
         "",
@@ -597,7 +747,4 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
         md.append("")
         md += [f"![{caption}]({src})" for src, caption, _ in figs] or ["no sample grid or CSV log"]
         md.append("")
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md), encoding="utf-8")
-    log.info("report: %d runs, %d families -> %s", len(runs), len(rows), html_path)
-    return html_path, md_path
+    return "\n".join(md)

@@ -7,10 +7,12 @@ batch size give the same images.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from genexp import atomic
 from genexp.checkpoints import LoadedModel, MissingNode, load_model
 from genexp.errors import ConfigError, GenexpError, check_choice, check_float, check_int
 from genexp.lit.fid_callback import sample_uint8
@@ -26,10 +29,14 @@ from genexp.lit.fid_callback import sample_uint8
 log = logging.getLogger("genexp")
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_COUNT = 2**31 - 1  # image counts, batch sizes, grid columns: beyond this torch's sizes overflow
+MAX_SEED = 2**32 - 1  # seeds: uint32, what numpy's and Lightning's seeding accept
+# the ENOSPC family: the folder is fine, the disk is not
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def resolve_device(value: str) -> torch.device:
-    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``/``cuda:N``."""
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``/``cuda:N`` (N a device here)."""
     value = str(value)
     if value != "auto" and not value.startswith("cuda:"):
         _user(lambda: check_choice("device", value, DEVICES))
@@ -37,15 +44,81 @@ def resolve_device(value: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if value.startswith("cuda") and not torch.cuda.is_available():
         raise GenexpError(f"device={value}: no CUDA device here; use device=cpu or device=auto")
+    index = value.partition(":")[2]
+    count = torch.cuda.device_count() if index else 0
+    if index and not (index.isdigit() and int(index) < count):
+        raise GenexpError(
+            f"device={value}: no such CUDA device (this machine has {count}); use device=cuda or "
+            f"device=cuda:<0..{count - 1}>"
+        )
     return torch.device(value)
 
 
-def _user(check):
-    """Run a ``check_*`` and turn its ConfigError into a GenexpError (the key is already top-level)."""
+def _user(check, fix: str | None = None):
+    """Run a ``check_*`` and turn its ConfigError into a GenexpError (the key is already top-level),
+    with ``; <fix>`` appended where one is given."""
     try:
         return check()
     except ConfigError as err:
-        raise GenexpError(str(err)) from None
+        raise GenexpError(f"{err}; {fix}" if fix else str(err)) from None
+
+
+def check_count(key: str, value: Any, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """An integer in ``minimum..maximum`` (a count or size), else one line naming the range."""
+    fix = f"pass {key}=<an integer in {minimum}..{maximum}>"
+    _user(lambda: check_int(key, value, minimum=minimum), fix)
+    if value > maximum:
+        raise GenexpError(f"{key}={value!r}: must be <= {maximum}; {fix}")
+    return value
+
+
+def check_seed(value: Any, key: str = "seed") -> int:
+    return check_count(key, value, minimum=0, maximum=MAX_SEED)
+
+
+def check_finite(key: str, value: Any, fix: str, positive: bool = False) -> float:
+    """A finite number (>= 0, or > 0 with ``positive``); nan and inf are refused too."""
+    number = _user(lambda: check_float(key, value, positive=positive, minimum=None if positive else 0.0), fix)
+    if not math.isfinite(number):
+        raise GenexpError(f"{key}={value!r}: must be finite; {fix}")
+    return number
+
+
+def writable_folder(key: str, folder: Path, value: Any = None, example: str = "<a writable folder>") -> Path:
+    """``folder``, created if missing; refused in one line naming ``key`` when that cannot be
+    written (checked before any work: a long sampling run must not end in a write error).
+
+    Args:
+        value: what the user passed, shown in the message (default: ``folder``).
+        example: the fix's value, ``pass <key>=<example>``.
+    """
+    shown = folder if value is None else value
+    where = "" if value is None else f" ({folder})"
+    if folder.exists() and not folder.is_dir():
+        raise GenexpError(
+            f"{key}={shown}: {'it' if value is None else folder} is a file, not a folder; pass {key}={example}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise GenexpError(
+            f"{key}={shown}: cannot create the folder{where} ({reason}); pass {key}={example}"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GenexpError(f"{key}={shown}: the folder{where} is read-only; pass {key}={example}")
+    return folder
+
+
+def write_failed(key: str, path: Path, err: OSError) -> GenexpError:
+    """The one line for a write that failed after the checks (a full disk, a folder gone read-only)."""
+    reason = err.strerror or type(err).__name__
+    fix = (
+        f"free space there or pass {key}=<another folder>"
+        if err.errno in FULL
+        else f"pass {key}=<a writable folder>"
+    )
+    return GenexpError(f"{key}={path.parent}: cannot write {path.name} ({reason}); {fix}")
 
 
 def family_name(config: DictConfig) -> str:
@@ -75,8 +148,15 @@ def load_for_sampling(ckpt: str, sampler: dict | None = None) -> LoadedModel:
         ) from None
 
 
+TEMPERATURE_FIX = "pass temperature=<T >= 0> (0: the most likely value, 1: the model's own distribution)"
+TRUNCATION_FIX = "pass truncation=<t > 0>, e.g. 1.5, or leave it out for untruncated noise"
+
+
 def sample_kwargs(model: torch.nn.Module, family: str, temperature: Any, truncation: Any) -> dict:
-    """The optional ``sample`` arguments the user set, refused where the family's ``sample`` has none."""
+    """The optional ``sample`` arguments the user set, refused where the family's ``sample`` has none.
+
+    ``temperature=0`` is allowed: the autoregressive families then take the most likely level at
+    every step (greedy decoding), the flows the mode z = 0."""
     params = inspect.signature(model.sample).parameters
     kwargs = {}
     for key, value, which in (
@@ -91,7 +171,10 @@ def sample_kwargs(model: torch.nn.Module, family: str, temperature: Any, truncat
             continue
         if key not in params:
             raise GenexpError(f"{key}={value}: {family} sampling takes no {key} (it applies to {which})")
-        kwargs[key] = _user(lambda k=key, v=value: check_float(k, v, positive=True))
+        if key == "temperature":
+            kwargs[key] = check_finite(key, value, TEMPERATURE_FIX)
+        else:
+            kwargs[key] = check_finite(key, value, TRUNCATION_FIX, positive=True)
     return kwargs
 
 
@@ -128,24 +211,60 @@ class SampleResult(NamedTuple):
     description: str  # family, dataset, checkpoint
 
 
-def sample(cfg: DictConfig) -> SampleResult:
-    """Run ``genexp sample`` from its composed config (``configs/sample.yaml``)."""
-    from torchvision.utils import save_image
+def file_stem(name: Any) -> str | None:
+    """``name=`` as a file stem (no folders: those go in ``out=``), or None for the default."""
+    if name is None or name == "":
+        return None
+    stem = str(name)
+    if "/" in stem or os.sep in stem or stem in (".", ".."):
+        raise GenexpError(f"name={stem}: must be a file stem, not a path; pass name=<stem> and out=<folder>")
+    return stem
 
-    from genexp.checkpoints import describe
 
+def check_options(cfg: DictConfig) -> dict:
+    """Every plain key of ``configs/sample.yaml``, checked before the checkpoint is read."""
     if not cfg.get("ckpt"):
         raise GenexpError("ckpt: missing; pass ckpt=<run dir|.ckpt|latest>")
-    n = _user(lambda: check_int("n", cfg.n, minimum=1))
-    batch_size = _user(lambda: check_int("batch_size", cfg.batch_size, minimum=1))
-    seed = _user(lambda: check_int("seed", cfg.seed, minimum=0))
-    device = resolve_device(cfg.device)
+    out = cfg.get("out")
+    return {
+        "n": check_count("n", cfg.n),
+        "batch_size": check_count("batch_size", cfg.batch_size),
+        "seed": check_seed(cfg.seed),
+        "nrow": None if cfg.get("nrow") is None else check_count("nrow", cfg.nrow),
+        "name": file_stem(cfg.get("name")),
+        "device": resolve_device(cfg.device),
+        "out": writable_folder("out", Path(str(out)).expanduser()) if out not in (None, "") else None,
+    }
+
+
+def write_samples(images: torch.Tensor, png: Path, npz: Path, nrow: int, meta: dict) -> None:
+    """The grid and the .npz, each atomically; a failed write is one line naming ``out=``."""
+    from torchvision.utils import save_image
+
+    path = png
+    try:
+        with atomic.atomic_path(png) as tmp:
+            save_image(images.float().div(255), tmp, nrow=nrow, format="png")
+        path = npz
+        with atomic.atomic_path(npz) as tmp, open(tmp, "wb") as file:
+            np.savez_compressed(file, images=images.numpy(), meta=np.array(json.dumps(meta)))
+    except OSError as err:
+        raise write_failed("out", path, err) from None
+
+
+def sample(cfg: DictConfig) -> SampleResult:
+    """Run ``genexp sample`` from its composed config (``configs/sample.yaml``)."""
+    from genexp.checkpoints import describe
+
+    opts = check_options(cfg)
+    n, batch_size, seed, device = opts["n"], opts["batch_size"], opts["seed"], opts["device"]
     chosen = cfg.get("sampler")
     sampler = OmegaConf.to_container(chosen, resolve=False) if chosen else None
 
     loaded = load_for_sampling(str(cfg.ckpt), sampler)
     family = family_name(loaded.config)
     kwargs = sample_kwargs(loaded.model, family, cfg.get("temperature"), cfg.get("truncation"))
+    out = opts["out"] or writable_folder("out", run_dir_of_checkpoint(loaded.path) / "samples")
     model = loaded.model.to(device)
     log.info("sampling %d images from %s on %s", n, describe(loaded), device)
 
@@ -158,13 +277,9 @@ def sample(cfg: DictConfig) -> SampleResult:
     if drawn.nonfinite:
         log.warning("%d of %d samples held NaN/inf values (written as 0 there)", drawn.nonfinite, n)
 
-    out = Path(cfg.out).expanduser() if cfg.get("out") else run_dir_of_checkpoint(loaded.path) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
     described = sampler_description(loaded.config)
-    stem = cfg.get("name") or f"sample_{file_tag(seed, n, kwargs, described, bool(chosen))}"
+    stem = opts["name"] or f"sample_{file_tag(seed, n, kwargs, described, bool(chosen))}"
     png, npz = out / f"{stem}.png", out / f"{stem}.npz"
-    nrow = int(cfg.get("nrow") or math.ceil(math.sqrt(n)))
-    save_image(drawn.images.float().div(255), png, nrow=nrow)
     meta = {
         "checkpoint": str(loaded.path),
         "model": str(loaded.config.model.get("_target_")),
@@ -181,5 +296,5 @@ def sample(cfg: DictConfig) -> SampleResult:
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    np.savez_compressed(npz, images=drawn.images.numpy(), meta=np.array(json.dumps(meta)))
+    write_samples(drawn.images, png, npz, opts["nrow"] or math.ceil(math.sqrt(n)), meta)
     return SampleResult(png, npz, n, n / seconds, str(device), describe(loaded))

@@ -17,6 +17,8 @@ Images are in [0, 1] outside the model and in [-1, 1] (G's tanh range) inside it
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -26,6 +28,35 @@ from genexp.metrics.diversity import diversity_ratio, energy_distance
 from genexp.models.base import LossOutput, ema_update, upcast
 from genexp.models.gan_losses import LOSSES, gradient_penalty, r1_penalty
 from genexp.nets.dcgan import D_NORMS, DCGANDiscriminator, DCGANGenerator
+
+
+def check_truncation(truncation) -> float:
+    """A finite t > 0 (null, not inf, turns truncation off)."""
+    t = check_float("truncation", truncation, positive=True)
+    if not math.isfinite(t):
+        raise ConfigError("truncation", truncation, "must be finite (null turns truncation off)")
+    return t
+
+
+def truncated_normal(
+    shape: tuple[int, ...], truncation: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """N(0, 1) entries conditioned on |z| <= t, one uniform draw each by the inverse CDF.
+
+    Redrawing the entries beyond t takes about 1/P(|z| <= t) rounds, which never ends for a tiny t
+    (1e-9); the inverse CDF costs one draw for any t. By symmetry the draw u in [0, 1) picks a
+    sign (u < 1/2) and p = Phi(-t) + (1/2 - Phi(-t)) w in the lower half (w the rest of 2u), so
+    |z| = -Phi^{-1}(p) is computed from the precise lower tail; float64 where the device has it.
+    """
+    check_truncation(truncation)
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    low = torch.special.ndtr(torch.tensor(-float(truncation), dtype=dtype, device=device))
+    v = 2 * u
+    sign = torch.where(v < 1, -1.0, 1.0).to(dtype)
+    p = low + (0.5 - low) * (v - v.floor())
+    z = sign * (-torch.special.ndtri(p)).clamp(0, float(truncation))
+    return z.float()
 
 
 class GAN(nn.Module):
@@ -43,8 +74,8 @@ class GAN(nn.Module):
         d_steps_per_g_step: D steps per G step (n_critic; WGAN-GP uses 5).
         ema_decay: decay of an exponential moving average of G's weights, used by ``sample``
             (0: off; e.g. 0.999).
-        truncation: default truncation of z for ``sample``: entries with |z| > truncation are
-            redrawn (None: off).
+        truncation: default truncation of z for ``sample``: z is drawn conditioned on every
+            |z_i| <= truncation (None: off).
         grad_clip: clip each network's gradient norm to this before its step (None: off).
         g_optimizer, d_optimizer: arguments for G's and D's optimizer that replace the optimizer
             group's (e.g. ``{"lr": 2e-4, "betas": [0.5, 0.999]}``); read by the Lightning glue.
@@ -91,7 +122,7 @@ class GAN(nn.Module):
         self.ema_decay = check_float("ema_decay", ema_decay, minimum=0.0, maximum=1.0)
         if self.ema_decay >= 1.0:
             raise ConfigError("ema_decay", ema_decay, "must be < 1 (0 turns the average off)")
-        self.truncation = None if truncation is None else check_float("truncation", truncation, positive=True)
+        self.truncation = None if truncation is None else check_truncation(truncation)
         self.grad_clip = None if grad_clip is None else check_float("grad_clip", grad_clip, positive=True)
         self.g_optimizer = self._optimizer_args("g_optimizer", g_optimizer)
         self.d_optimizer = self._optimizer_args("d_optimizer", d_optimizer)
@@ -124,16 +155,12 @@ class GAN(nn.Module):
         device: torch.device | None = None,
         truncation: float | None = None,
     ) -> torch.Tensor:
-        """z ~ N(0, I), (n, z_dim); with ``truncation`` entries beyond it are redrawn (BigGAN's trick)."""
+        """z ~ N(0, I), (n, z_dim); with ``truncation`` t, z ~ N(0, I) conditioned on |z_i| <= t
+        (BigGAN's trick, Brock et al. 2019), drawn by :func:`truncated_normal`."""
         device = device if device is not None else next(self.generator.parameters()).device
-        z = torch.randn(n, self.z_dim, generator=generator, device=device)
         if truncation is not None:
-            out = (z.abs() > truncation).nonzero(as_tuple=True)
-            while out[0].numel():  # each redraw keeps ~P(|z| <= t) of the rest: a few rounds
-                z[out] = torch.randn(out[0].numel(), generator=generator, device=device)
-                keep = z[out].abs() > truncation
-                out = (out[0][keep], out[1][keep])
-        return z
+            return truncated_normal((n, self.z_dim), truncation, generator, device)
+        return torch.randn(n, self.z_dim, generator=generator, device=device)
 
     def discriminate(self, x: torch.Tensor) -> torch.Tensor:
         """D's logits (critic values) for images x in [0, 1]: (B, C, H, W) -> (B,)."""
