@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from genexp.build import as_data, check_config
 from genexp.errors import GenexpError
 from genexp.resume import resolve_checkpoint
 from genexp.run import build_model, read_checkpoint
@@ -47,7 +48,13 @@ def load_model(value: str, overrides: dict | None = None) -> LoadedModel:
     """
     path = resolve_checkpoint(value)
     ckpt = read_checkpoint(path)
-    config = OmegaConf.create(ckpt["genexp"].get("config") or {})
+    stored = ckpt["genexp"].get("config") or {}
+    if not isinstance(stored, dict):
+        raise GenexpError(
+            f"ckpt_path={path}: its genexp.config section is not a mapping; use a checkpoint genexp wrote"
+        )
+    config = as_data(stored)  # data, never resolved: a stored ${oc.env:...} stays text
+    check_config(config)  # every _target_ it names is registered, whether or not it gets built
     if "model" not in config:
         raise GenexpError(f"ckpt_path={path}: the checkpoint holds no model config")
     for key, node in (overrides or {}).items():
@@ -66,21 +73,48 @@ def load_model(value: str, overrides: dict | None = None) -> LoadedModel:
     return LoadedModel(model, config, path)
 
 
-def load_first_stage(value: str) -> nn.Module:
+def load_first_stage(value: str) -> LoadedModel:
     """The frozen AE/VAE of latent diffusion: any family with ``encode``, ``decode`` and ``latent_dim``."""
     best = Path(value) / "checkpoints" / "best.ckpt"  # a run dir: its best checkpoint, not its last
     try:
         loaded = load_model(str(best) if best.is_file() else value)
     except GenexpError as err:
         raise GenexpError(f"model.first_stage={value}: {err}") from None
-    model = loaded.model
+    check_first_stage_family(loaded.model, value)
+    loaded.model.requires_grad_(False)
+    return loaded
+
+
+def check_first_stage_family(model: nn.Module, value: object) -> None:
     if not all(hasattr(model, a) for a in ("encode", "decode", "latent_dim")):
         raise GenexpError(
             f"model.first_stage={value}: a {type(model).__name__} checkpoint; latent diffusion needs "
             "an AE or VAE run (a family with encode, decode and latent_dim)"
         )
-    model.requires_grad_(False)
-    return model
+
+
+def first_stage_from_config(stored: DictConfig) -> nn.Module:
+    """A first stage rebuilt from the config a latent-diffusion checkpoint stored (weights: none yet;
+    the latent model's state dict fills them)."""
+    if not isinstance(stored, DictConfig) or "model" not in stored:
+        raise GenexpError("model.first_stage.config: the checkpoint's first stage config has no model")
+    model = build_model(stored)
+    check_first_stage_family(model, "<stored config>")
+    return model.eval().requires_grad_(False)
+
+
+def check_first_stage_fits(cfg: DictConfig, first: DictConfig, value: str) -> None:
+    """The first stage must have been trained on images of this run's size and channels: otherwise
+    the first forward fails with a matmul shape traceback."""
+    data = cfg.get("dataset") or {}
+    trained = first.get("dataset") or {}
+    for key in ("image_size", "channels"):
+        mine, theirs = data.get(key), trained.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise GenexpError(
+                f"model.first_stage={value}: trained on {theirs} {key.replace('_', ' ')} images, this run's "
+                f"data has dataset.{key}={mine}; train the first stage on this data (or set dataset.{key}={theirs})"
+            )
 
 
 @torch.no_grad()

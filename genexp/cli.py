@@ -173,7 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     from genexp.hydra_errors import report_in_one_line
 
     report_in_one_line(_fail)  # Hydra's composition errors (unknown option, misspelled key) as one line
-    APPS[command]()
+    from genexp.build import guard_hydra
+
+    guard_hydra()  # what Hydra itself builds from the config (hydra.callbacks) is registry-checked too
+    run_stoppable(APPS[command])
+
+
+def run_stoppable(app) -> None:
+    """Run ``app`` with SIGTERM/SIGUSR1/SIGINT acting at once wherever it is (genexp.signals): the
+    process prints one line and exits 75 (130 for SIGINT), every file it was writing left as it was."""
+    from genexp.signals import Interrupted, install
+
+    install()
+    try:
+        app()
+    except Interrupted as err:
+        print(f"genexp: {err}", file=sys.stderr)
+        sys.exit(err.code)
 
 
 if __name__ == "__main__":

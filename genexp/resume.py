@@ -19,13 +19,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9_./:\-]+$")
 def resolve_checkpoint(value: str, roots: tuple[str, ...] = SEARCH_ROOTS) -> Path:
     """``latest`` | a run dir | a checkpoints dir | a .ckpt file -> an existing checkpoint file."""
     if value == "latest":
-        found = [p for root in roots for p in Path(root).glob("**/checkpoints/last.ckpt")]
-        if not found:
-            raise GenexpError(
-                f"ckpt_path=latest: no checkpoints/last.ckpt under {' or '.join(r + '/' for r in roots)} "
-                f"in {Path.cwd()}; pass a run dir or a .ckpt file"
-            )
-        return max(found, key=lambda p: p.stat().st_mtime).resolve()
+        return latest_checkpoint(roots)
     path = Path(value).expanduser()
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
@@ -37,6 +31,31 @@ def resolve_checkpoint(value: str, roots: tuple[str, ...] = SEARCH_ROOTS) -> Pat
     if not path.is_file():
         raise GenexpError(f"ckpt_path={value}: no such file or folder")
     return path.resolve()
+
+
+def run_dirs(roots: tuple[str, ...] = SEARCH_ROOTS) -> list[Path]:
+    """Every training run dir under ``roots``: a folder whose ``.hydra/config.yaml`` Hydra wrote."""
+    return [p.parent.parent for root in roots for p in Path(root).glob("**/.hydra/config.yaml")]
+
+
+def latest_checkpoint(roots: tuple[str, ...] = SEARCH_ROOTS) -> Path:
+    """``ckpt_path=latest``: the newest run dir (the one started or resumed last), and its
+    ``last.ckpt``. A newest run that has none (killed before its first checkpoint) is an error that
+    says so: silently taking an older run's checkpoint would resume the wrong run."""
+    runs = [r for r in run_dirs(roots) if (r / ".hydra" / "overrides.yaml").is_file()]
+    if not runs:
+        raise GenexpError(
+            f"ckpt_path=latest: no checkpoints/last.ckpt under {' or '.join(r + '/' for r in roots)} "
+            f"in {Path.cwd()} (no runs there yet); pass a run dir or a .ckpt file"
+        )
+    newest = max(runs, key=lambda r: (r / ".hydra" / "config.yaml").stat().st_mtime)
+    last = newest / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise GenexpError(
+            f"ckpt_path=latest: the newest run, {newest}, has no checkpoints/last.ckpt (it stopped before its "
+            "first checkpoint); start it again, or pass an older run's dir as ckpt_path=<run dir>"
+        )
+    return last.resolve()
 
 
 def run_dir_of(ckpt: Path) -> Path | None:
@@ -76,9 +95,8 @@ def resume_argv(args: list[str]) -> list[str]:
     run_dir = run_dir_of(ckpt)
     if run_dir is None:
         return rest + out
-    import yaml
 
-    original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    original = replayed_overrides(run_dir)
     new_keys = {override_key(a) for a in rest if "=" in a}
     replay = [
         o
@@ -88,6 +106,35 @@ def resume_argv(args: list[str]) -> list[str]:
         and not override_key(o).startswith("hydra.")
     ]
     return replay + rest + out + [f"hydra.run.dir={quote(str(run_dir))}"]
+
+
+_RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.]*\s*:")
+
+
+def replayed_overrides(run_dir: Path) -> list[str]:
+    """A run dir's ``.hydra/overrides.yaml``, read as data to replay on resume: a list of strings,
+    none calling a resolver (``${oc.env:...}`` would read the environment into the run). Whatever
+    ``_target_`` they set is checked against the registry when the run is built, like any config."""
+    import yaml
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        original = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError) as err:
+        raise GenexpError(
+            f"ckpt_path={run_dir}: cannot read {path} ({type(err).__name__}); pass the .ckpt file instead"
+        ) from None
+    if not isinstance(original, list) or not all(isinstance(o, str) for o in original):
+        raise GenexpError(
+            f"ckpt_path={run_dir}: {path} is not a list of overrides; pass the .ckpt file instead"
+        )
+    for o in original:
+        if _RESOLVER.search(o):
+            raise GenexpError(
+                f"ckpt_path={run_dir}: {path} holds {o!r}, which calls a resolver; a replayed override is data, "
+                "so remove that line (or pass the .ckpt file and your own overrides)"
+            )
+    return original
 
 
 def requeue_checkpoint(run_dir: Path) -> Path | None:

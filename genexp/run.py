@@ -1,13 +1,14 @@
-"""Compose the run from the config and execute it: the only place that instantiates.
+"""Compose the run from the config and execute it.
 
-Every ``_target_`` goes through :func:`instantiate`, which only reaches allow-listed prefixes, so a
-config (or a checkpoint's stored config) cannot run arbitrary code.
+Every ``_target_`` goes through :func:`genexp.build.instantiate`, which constructs only registered
+targets, so a config (or a checkpoint's stored config) cannot run arbitrary code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import inspect
+import json
 import logging
 import math
 import os
@@ -16,15 +17,15 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from genexp import atomic
+from genexp.build import check_targets, instantiate  # noqa: F401 - re-exported
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.lit.callbacks import EpochSummary, Throughput
 from genexp.lit.checkpointing import AtomicCheckpointIO, Preempted, ResumePosition, slurm_plugins
@@ -58,74 +59,15 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
-ALLOWED_TARGET_PREFIXES = ("genexp.", "torch.optim.", "pytorch_lightning.")
 # the file system refusing a write (full disk, quota, file size limit, read-only): a one-line error
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS}
 
 
-def _defined_in_allowed_package(target: str) -> bool:
-    """Whether the object ``target`` names is defined under an allowed package.
-
-    ``genexp.cli.os.system`` starts with ``genexp.`` yet reaches ``os.system`` through a module
-    attribute, so the prefix alone is not enough: the object's own module must be allowed too."""
-    from hydra._internal.utils import _locate  # get_object's lookup, without its error log
-
-    try:
-        obj = _locate(target)
-    except Exception:  # noqa: BLE001 - a missing target is reported by instantiate with its key
-        return True
-    module = getattr(obj, "__name__", "") if inspect.ismodule(obj) else getattr(obj, "__module__", None)
-    return f"{module}.".startswith(ALLOWED_TARGET_PREFIXES)
-
-
-def check_targets(node: Any, key: str) -> None:
-    """Refuse any ``_target_`` outside the allow-list, anywhere inside ``node``."""
-    if isinstance(node, DictConfig | dict):
-        target = node.get("_target_")
-        if target is not None and not (
-            str(target).startswith(ALLOWED_TARGET_PREFIXES) and _defined_in_allowed_package(str(target))
-        ):
-            raise GenexpError(
-                f"{key}._target_={target}: not allowed; a target must be defined in "
-                f"{', '.join(ALLOWED_TARGET_PREFIXES)} (no other code runs from a config)"
-            )
-        for k, v in node.items():
-            if k != "_target_":
-                check_targets(v, f"{key}.{k}")
-    elif isinstance(node, list | tuple) or OmegaConf.is_list(node):
-        for i, v in enumerate(node):
-            check_targets(v, f"{key}[{i}]")
-
-
-def instantiate(node: Any, key: str, **kwargs) -> Any:
-    """Allow-listed ``hydra.utils.instantiate`` whose errors name the config key."""
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    try:
-        check_targets(node, key)  # reads every value: a ``???`` or a broken ${...} fails here
-    except MissingMandatoryValue as err:
-        name = getattr(err, "full_key", None) or key
-        raise GenexpError(f"{name}=???: a required value; pass {name}=<value>") from None
-    except OmegaConfBaseException as err:
-        first = str(err).strip().splitlines()[0]
-        raise GenexpError(f"{getattr(err, 'full_key', None) or key}: {first}") from None
-    try:
-        return hydra.utils.instantiate(node, **kwargs)
-    except hydra.errors.InstantiationException as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, ConfigError):
-            raise GenexpError(f"{key}.{cause.key}={cause.value!r}: {cause.message}") from None
-        if isinstance(cause, GenexpError):
-            raise cause from None
-        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
-        # "Error loading 'x':" says what follows on the next line
-        first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines or [""])[0]
-        first = first or type(cause).__name__
-        raise GenexpError(f"{key}: {first}") from None
-
-
 def validate(cfg: DictConfig) -> None:
     """Checks that are cheaper before anything is built (the constructors check the rest)."""
+    from genexp.build import check_config
+
+    check_config(cfg)  # every _target_ anywhere in the run is registered, before any is built
     check = {"seed": lambda v: check_int("seed", v, minimum=0)}
     for k, fn in check.items():
         try:
@@ -189,16 +131,46 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
+def _file_kind(path: Path) -> str | None:
+    """What a file that is not a PyTorch checkpoint looks like, from its first bytes (None: it
+    may be one: a zip archive, which torch.save writes, or a legacy pickle)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(512)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if not head:
+        return None  # empty: torch's own error says EOF
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a PyTorch file (unknown binary data)"
+    return "a text file, not a PyTorch checkpoint"
+
+
 def read_checkpoint(path: Path) -> dict:
-    """Load a genexp checkpoint safely (``weights_only=True``): a pickle that would run code is refused."""
+    """Load a genexp checkpoint safely (``weights_only=True``): a pickle that would run code is
+    refused, and the sections genexp reads are checked to be what genexp writes."""
+    kind = _file_kind(path)
+    if kind is not None:
+        raise GenexpError(
+            f"ckpt_path={path}: {kind}; pass a .ckpt that genexp wrote (a run dir's checkpoints/)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only met a global it does not allow: nothing ran
         found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
+        if not found:
+            raise GenexpError(
+                f"ckpt_path={path}: cannot load it as a checkpoint: not a valid pickle "
+                f"({str(err).strip().splitlines()[0][:120] if str(err).strip() else 'UnpicklingError'}); "
+                "use another checkpoint of the run (checkpoints/best.ckpt) or retrain"
+            ) from None
         raise GenexpError(
-            f"ckpt_path={path}: cannot load it safely as a checkpoint: it holds pickled Python objects{what} "
-            "that weights_only=True refuses, so nothing in it was run; use a checkpoint genexp wrote"
+            f"ckpt_path={path}: cannot load it safely as a checkpoint: it holds pickled Python objects "
+            f"({found.group(1)}) that weights_only=True refuses, so nothing in it was run; use a checkpoint genexp wrote"
         ) from None
     except Exception as err:  # truncated zip, empty file, not a PyTorch file at all
         first = str(err).strip().splitlines()[0].split(". ")[0][:120] if str(err).strip() else ""
@@ -209,12 +181,34 @@ def read_checkpoint(path: Path) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or "genexp" not in ckpt or "state_dict" not in ckpt:
         raise GenexpError(f"ckpt_path={path}: not a genexp checkpoint (no genexp section)")
+    check_sections(ckpt, path)
     return ckpt
 
 
+def check_sections(ckpt: dict, path: Path) -> None:
+    """A checkpoint's ``genexp`` and ``state_dict`` sections have the types genexp writes."""
+    meta, state = ckpt["genexp"], ckpt["state_dict"]
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"its genexp section is a {type(meta).__name__}, not a mapping"
+    elif not isinstance(meta.get("config", {}), dict | type(None)):
+        problem = f"its genexp.config is a {type(meta['config']).__name__}, not a mapping"
+    elif not isinstance((meta.get("config") or {}).get("model", {}), dict):
+        problem = "its genexp.config.model is not a mapping"
+    elif not isinstance(state, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
+    ):
+        problem = "its state_dict is not a mapping of names to tensors"
+    if problem:
+        raise GenexpError(
+            f"ckpt_path={path}: a malformed genexp checkpoint ({problem}); use a checkpoint genexp wrote"
+        )
+
+
 def check_weights_fit(module: torch.nn.Module, state_dict: dict, path: Path) -> None:
-    """A checkpoint of the same family with other sizes (``model.latent_dim``) fails here naming the
-    first tensor that differs, before training, not in Lightning's page of size mismatches."""
+    """A checkpoint of the same family with other sizes (``model.latent_dim``), or of another genexp
+    version (weights missing or extra), fails here naming the first tensor that differs, before
+    training, not in Lightning's page of mismatches."""
     own = module.state_dict()
     for name, tensor in state_dict.items():
         if name in own and hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(own[name].shape):
@@ -222,6 +216,19 @@ def check_weights_fit(module: torch.nn.Module, state_dict: dict, path: Path) -> 
                 f"ckpt_path={path}: its weights do not fit this model ({name} is {tuple(tensor.shape)} there, "
                 f"{tuple(own[name].shape)} here); pass the run's own model.* settings, or its run dir"
             )
+    missing = sorted(set(own) - set(state_dict))
+    extra = sorted(set(state_dict) - set(own))
+    if missing or extra:
+        first, more = (
+            (f"lacks {missing[0]}", len(missing) - 1)
+            if missing
+            else (f"has an unknown {extra[0]}", len(extra) - 1)
+        )
+        raise GenexpError(
+            f"ckpt_path={path}: its weights do not fit this model (it {first}{f' and {more} more' if more > 0 else ''}); "
+            "it was written by another genexp version or with other model.* settings: pass the run's own "
+            "settings (its run dir), or use the genexp version that wrote it"
+        )
 
 
 def write_refusal(err: BaseException) -> OSError | None:
@@ -253,27 +260,88 @@ def check_writable(output_dir: Path) -> None:
         )
 
 
+def check_callback_dirs(cfg: DictConfig) -> None:
+    """A callback's folder (``<run>/checkpoints``, ``<run>/samples``) that is a file fails now, not
+    at the first checkpoint write after an epoch of training."""
+    for name, node in (cfg.get("callbacks") or {}).items():
+        folder = node.get("dirpath") if isinstance(node, DictConfig) else None
+        if folder and Path(str(folder)).exists() and not Path(str(folder)).is_dir():
+            raise GenexpError(
+                f"callbacks.{name}.dirpath={folder}: a file, not a folder; move or delete that file, "
+                "or write the run elsewhere with paths.log_dir=<folder>"
+            )
+
+
+def own_best_checkpoint(checkpoint) -> str:
+    """``best.ckpt`` as this run's checkpoint callback knows it, if it is this run's own file.
+
+    Lightning restores ``best_model_path`` from the checkpoint it resumes from, which may be a copy
+    of another run's: testing that path would score another run's weights (or fail once it is gone)."""
+    best = str(getattr(checkpoint, "best_model_path", "") or "") if checkpoint else ""
+    folder = getattr(checkpoint, "dirpath", None)
+    if not best:
+        return ""
+    if folder and Path(best).parent.resolve() == Path(folder).resolve() and Path(best).is_file():
+        return best
+    log.warning(
+        "the resumed checkpoint's best.ckpt (%s) is not this run's: testing the weights trained here", best
+    )
+    return ""
+
+
+def finished_results(output_dir: Path, step: int) -> dict | None:
+    """A resumed run that had nothing left to train keeps the results it has (``metrics.json``)."""
+    path = output_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # stopped before its test: test it now
+    if not isinstance(metrics, dict):
+        return None
+    log.info(
+        "nothing left to train: the run already reached its budget at step %d; its results are kept in %s "
+        "(raise trainer.max_epochs, trainer.max_steps or trainer.max_time to train on)",
+        step,
+        path,
+    )
+    return metrics
+
+
 def load_checkpoint_meta(path: Path) -> dict:
     """The genexp section (config, wandb id) of a checkpoint."""
     return read_checkpoint(path)["genexp"]
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
-    """Instantiate ``cfg.model``. A family with a ``first_stage`` (latent diffusion) gets the trained
-    AE/VAE that the key names (a run dir or .ckpt), loaded through :func:`genexp.checkpoints.load_first_stage`."""
-    kwargs = {}
+    """Instantiate ``cfg.model`` (see :func:`build_model_and_first_stage`)."""
+    return build_model_and_first_stage(cfg)[0]
+
+
+def build_model_and_first_stage(cfg: DictConfig) -> tuple[torch.nn.Module, dict | None]:
+    """Instantiate ``cfg.model``, and return with it what rebuilds its first stage, if it has one.
+
+    Latent diffusion's ``model.first_stage`` is either a trained AE/VAE's run dir or .ckpt (training:
+    loaded with its weights through :func:`genexp.checkpoints.load_first_stage`) or, in a checkpoint
+    of such a run, ``{source, config}``: the first stage's own stored config, rebuilt here without
+    weights (the latent model's state dict holds them), so that checkpoint needs nothing else."""
+    from genexp.checkpoints import check_first_stage_fits, first_stage_from_config, load_first_stage
+
+    kwargs, record = {}, None
     first_stage = cfg.model.get("first_stage")
     if isinstance(first_stage, str):
-        from genexp.checkpoints import load_first_stage
-
-        kwargs["first_stage"] = load_first_stage(first_stage)
+        loaded = load_first_stage(first_stage)
+        kwargs["first_stage"] = loaded.model
+        record = {"source": str(loaded.path), "config": plain_config(loaded.config)}
+        check_first_stage_fits(cfg, loaded.config, first_stage)
+    elif isinstance(first_stage, DictConfig) and "config" in first_stage:
+        kwargs["first_stage"] = first_stage_from_config(first_stage.config)
     elif first_stage is None and "first_stage" in cfg.model:
         raise GenexpError(
             "model.first_stage=null: latent diffusion needs a trained AE/VAE; pass "
             "model.first_stage=<run dir or .ckpt> (or use experiment=ldm_two_stage to train both)"
         )
     try:
-        return instantiate(cfg.model, "model", **kwargs)
+        return instantiate(cfg.model, "model", **kwargs), record
     except GenexpError as err:
         # a nested part (net, schedule) reports only its own argument: rebuild the parts one by one
         # so the error names the full key (model.net.num_groups, not model.num_groups)
@@ -351,7 +419,9 @@ def _scalar(value: Any) -> Any:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit, test and write ``metrics.json``; return the metrics. Raises GenexpError for user errors."""
+    """Fit, test and write ``metrics.json``; return the metrics. Raises GenexpError for user errors.
+
+    The run dir is locked for the whole call (:mod:`genexp.runlock`): a second writer is refused."""
     start = time.perf_counter()
     quiet_third_party()
     if launched_rank() > 0:  # rank 0 reports the run; the others keep warnings and errors only
@@ -359,29 +429,52 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
-    ckpt_path = None
-    wandb_id = None
-    resumed_state = None
+    check_callback_dirs(cfg)
+    from genexp.runlock import run_lock
+
+    with run_lock(output_dir) if launched_rank() == 0 else contextlib.nullcontext():
+        return _train(cfg, output_dir, start)
+
+
+class Resumed(NamedTuple):
+    path: Path
+    state_dict: dict
+    global_step: int
+    wandb_id: str | None
+
+
+def resume_point(cfg: DictConfig, output_dir: Path) -> Resumed | None:
+    """The checkpoint this run continues from (``ckpt_path``, or a requeued job's own), checked."""
     from genexp.resume import requeue_checkpoint, resolve_checkpoint
 
     # a requeued SLURM job (or restarted torchrun) is back in its run dir: continue from there
     requeued = None if cfg.get("ckpt_path") else requeue_checkpoint(output_dir)
-    if cfg.get("ckpt_path") or requeued:
-        ckpt_path = requeued or resolve_checkpoint(str(cfg.ckpt_path))
-        resumed = read_checkpoint(ckpt_path)
-        meta, resumed_state = resumed["genexp"], resumed["state_dict"]
-        del resumed  # the optimizer states: Lightning loads its own copy in fit
-        stored = (meta.get("config") or {}).get("model", {}).get("_target_")
-        if stored and stored != cfg.model.get("_target_"):
-            raise GenexpError(
-                f"ckpt_path={ckpt_path}: a checkpoint of {stored}, but model is {cfg.model._target_}; "
-                "pass the same model (or the run dir, which replays its overrides)"
-            )
-        wandb_id = meta.get("wandb_id")
-        log.info(
-            "resuming from %s%s", ckpt_path, " (a restarted job, back in its run dir)" if requeued else ""
+    if not (cfg.get("ckpt_path") or requeued):
+        return None
+    ckpt_path = requeued or resolve_checkpoint(str(cfg.ckpt_path))
+    resumed = read_checkpoint(ckpt_path)
+    meta = resumed["genexp"]
+    stored = (meta.get("config") or {}).get("model", {}).get("_target_")
+    if stored and stored != cfg.model.get("_target_"):
+        raise GenexpError(
+            f"ckpt_path={ckpt_path}: a checkpoint of {stored}, but model is {cfg.model._target_}; "
+            "pass the same model (or the run dir, which replays its overrides)"
         )
+    log.info("resuming from %s%s", ckpt_path, " (a restarted job, back in its run dir)" if requeued else "")
+    step = resumed.get("global_step")
+    wandb_id = meta.get("wandb_id")
+    return Resumed(
+        ckpt_path,
+        resumed["state_dict"],
+        step if isinstance(step, int) else -1,
+        wandb_id if isinstance(wandb_id, str) else None,
+    )
 
+
+def _train(cfg: DictConfig, output_dir: Path, start: float) -> dict:
+    resumed = resume_point(cfg, output_dir)
+    ckpt_path = resumed.path if resumed else None
+    wandb_id = resumed.wandb_id if resumed else None
     if cfg.get("first_stage_train"):
         train_first_stage(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -395,7 +488,7 @@ def train(cfg: DictConfig) -> dict:
     )
     dataset = instantiate(cfg.dataset, "dataset")
     datamodule = instantiate(cfg.data, "data", dataset=dataset, device_data=performance.device_data)
-    model = build_model(cfg)
+    model, first_stage = build_model_and_first_stage(cfg)
     clipped_amp = clips_under_amp(precision, cfg.trainer.get("gradient_clip_val"), model)
     optimizer = performance.optimizer(instantiate(cfg.optimizer, "optimizer"), clipped_amp)
     try:  # a dry build so a bad optimizer setting fails now, not after the first epoch
@@ -405,15 +498,17 @@ def train(cfg: DictConfig) -> dict:
     scheduler = instantiate(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None
 
     config = plain_config(cfg)
+    if first_stage is not None:  # the checkpoint rebuilds its first stage without the original run
+        config["model"]["first_stage"] = first_stage
     # the family's contract picks the glue: adversarial families (d_loss/g_loss) train two networks
     module_class = GANModule if hasattr(model, "d_loss") else GenerativeModule
     divergence = instantiate(cfg.divergence, "divergence") if cfg.get("divergence") else DivergenceGuard()
     module = module_class(
         model=model, optimizer=optimizer, scheduler=scheduler, config=config, divergence=divergence
     )
-    if resumed_state is not None:
-        check_weights_fit(module, resumed_state, ckpt_path)
-        resumed_state = None
+    if resumed is not None:
+        check_weights_fit(module, resumed.state_dict, ckpt_path)
+        resumed = resumed._replace(state_dict={})  # Lightning loads its own copy in fit
     callbacks: list[pl.Callback] = [
         instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
     ]
@@ -423,7 +518,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks.insert(0, performance)
     # exact resume (docs/reliability.md): the random streams' hooks run before other callbacks
     # draw random numbers; the step checkpoint saves after the EMA has taken the step
-    callbacks.insert(0, RNGState())
+    callbacks.insert(0, RNGState(test_seed=int(cfg.seed)))
     callbacks.append(ResumePosition())  # a run stopped by max_steps/max_time resumes its epoch
     step_checkpoint = instantiate(cfg.checkpoint, "checkpoint") if cfg.get("checkpoint") else None
     callbacks += [divergence, *([step_checkpoint] if step_checkpoint else [])]
@@ -473,15 +568,21 @@ def train(cfg: DictConfig) -> dict:
             module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
         )
         fit_time = time.perf_counter() - fit_start
-        checkpoint = trainer.checkpoint_callback
-        best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+        if resumed is not None and trainer.global_step == resumed.global_step:
+            finished = finished_results(output_dir, trainer.global_step)
+            if finished is not None:
+                return finished
+        best = own_best_checkpoint(trainer.checkpoint_callback)
         test = trainer.test(
             module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False
         )
     except pl.utilities.exceptions.SIGTERMException:
-        # Lightning's own SIGTERM handling (testing; genexp's handles the fit) would exit with 0
-        log.warning("preempted by SIGTERM outside training; the checkpoints are complete")
-        raise Preempted(f"preempted by SIGTERM; resume with: genexp train ckpt_path={output_dir}") from None
+        # Lightning's own SIGTERM flag, where genexp.signals' handler is not installed (train() called
+        # in-process): its test loop stops at the next batch, and would exit with 0
+        raise Preempted(
+            "stopped by SIGTERM during the test: the checkpoints are complete, metrics.json is not "
+            f"written; resume with: genexp train ckpt_path={output_dir}"
+        ) from None
     except pl.utilities.exceptions.MisconfigurationException as err:
         # the monitored metric is only known once the first validation has logged its metrics
         logged = re.search(r"returned metrics: \[(.*?)\]", str(err))

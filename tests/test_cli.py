@@ -124,7 +124,7 @@ BAD_INPUTS = [
     ),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt: no such file or folder"),
     (["ckpt_path=latest"], "ckpt_path=latest: no checkpoints/last.ckpt under outputs/"),
-    (["model._target_=os.system"], "model._target_=os.system: not allowed"),
+    (["model._target_=os.system"], "model._target_=os.system: not a configurable target"),
     (
         ["-m", "accelerator=ddp_cpu", "seed=0,1"],
         "trainer.strategy=ddp with a -m sweep would replay the sweep",

@@ -67,7 +67,9 @@ class RNGState(pl.Callback):
     run before any other callback's, which may draw random numbers there (sample grids).
     """
 
-    def __init__(self):
+    def __init__(self, test_seed: int = 0):
+        self.test_seed = int(test_seed)
+        self._test_stream: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
         self._pending: dict[str, Any] | None = None  # the stream, while something else draws
         self._loaded: dict[str, Any] | None = None
@@ -98,6 +100,21 @@ class RNGState(pl.Callback):
         if self._pending is not None:
             restore(self._pending)
             self._pending = None
+
+    # ------------------------------------------------------------ a deterministic test
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The test draws from its own stream, seeded by the run's seed and the rank: testing the
+        same weights twice gives the same numbers (resumed or not); the stream before is put back."""
+        self._test_stream = capture()
+        seed = (self.test_seed + 7919 * trainer.global_rank) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # every CUDA device too
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._test_stream is not None:
+            restore(self._test_stream)
+            self._test_stream = None
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,216 @@
+"""The only place a config constructs anything: an explicit registry of configurable targets.
+
+A ``_target_`` is constructed only if its dotted name is registered here, exactly: the classes and
+schedule functions that ``configs/`` names, ``torch.optim``'s optimizers, the Lightning classes genexp
+uses and the Hydra plugins it launches with. A prefix allow-list (``genexp.``) is not a boundary: every
+function defined in the package, one that starts a process or writes a file among them, would become
+callable. The check runs before anything is called, on every route a config takes: the command line,
+user config groups (``hydra.searchpath``), replayed overrides, Hydra's own callbacks/launchers/sweepers
+and the configs stored in checkpoints, which are data (:func:`as_data`: never resolved).
+
+A Python plugin that defines its own family registers it with :func:`register` before genexp builds
+a run; nothing read from disk can register anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from genexp.errors import ConfigError, GenexpError
+
+# what configs/ names (tests/test_registry.py checks that both lists agree), one line per class
+_GENEXP = """
+genexp.data.image_folder.ImageFolder
+genexp.data.mnist5k.MNIST5k
+genexp.data.synthetic.Synthetic
+genexp.data.torchvision_sets.CIFAR10
+genexp.data.torchvision_sets.CelebA
+genexp.data.torchvision_sets.FashionMNIST
+genexp.data.torchvision_sets.MNIST
+genexp.diffusion.noise_schedule.NoiseSchedule
+genexp.diffusion.samplers.DDIMSampler
+genexp.diffusion.samplers.DDPMSampler
+genexp.diffusion.schedules.cosine
+genexp.diffusion.schedules.linear
+genexp.diffusion.schedules.quadratic
+genexp.diffusion.schedules.sigmoid
+genexp.lit.callbacks.SampleGrid
+genexp.lit.checkpointing.StepCheckpoint
+genexp.lit.datamodule.DataModule
+genexp.lit.divergence.DivergenceGuard
+genexp.lit.ema.EMA
+genexp.lit.fid_callback.FIDCallback
+genexp.lit.loggers.CSVLogger
+genexp.lit.performance.Performance
+genexp.lr_schedulers.WarmupConstant
+genexp.lr_schedulers.WarmupCosine
+genexp.models.ae.AE
+genexp.models.ddpm.DDPM
+genexp.models.gan.GAN
+genexp.models.glow.Glow
+genexp.models.ldm.LDM
+genexp.models.pixel_transformer.PixelTransformer
+genexp.models.pixelcnn.PixelCNN
+genexp.models.realnvp.RealNVP
+genexp.models.vae.VAE
+genexp.nets.time_mlp.TimeMLP
+genexp.nets.unet.UNet
+"""
+# torch.optim's optimizers (a user picks any with optimizer._target_=torch.optim.<Name>)
+_OPTIMIZERS = "Adadelta Adafactor Adagrad Adam Adamax AdamW ASGD NAdam RAdam RMSprop Rprop SGD"
+_LIGHTNING = """
+pytorch_lightning.Trainer
+pytorch_lightning.callbacks.EarlyStopping
+pytorch_lightning.callbacks.LearningRateMonitor
+pytorch_lightning.callbacks.ModelCheckpoint
+pytorch_lightning.loggers.CSVLogger
+pytorch_lightning.loggers.TensorBoardLogger
+pytorch_lightning.loggers.WandbLogger
+"""
+# Hydra instantiates these itself (hydra.launcher, hydra.sweeper) from the composed config
+_HYDRA = """
+hydra._internal.core_plugins.basic_launcher.BasicLauncher
+hydra._internal.core_plugins.basic_sweeper.BasicSweeper
+hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher
+hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher
+"""
+
+REGISTRY: set[str] = {
+    *_GENEXP.split(),
+    *(f"torch.optim.{name}" for name in _OPTIMIZERS.split()),
+    *_LIGHTNING.split(),
+    *_HYDRA.split(),
+}
+
+
+def register(*targets: str) -> None:
+    """Make dotted names constructible from configs (for Python plugins; configs cannot call it)."""
+    for target in targets:
+        if not isinstance(target, str) or "." not in target:
+            raise ValueError(f"register: {target!r} is not a dotted name (package.module.Class)")
+        REGISTRY.add(target)
+
+
+def refusal(key: str, target: Any) -> GenexpError:
+    """The one-line error for an unregistered ``_target_``, with the nearest registered name."""
+    close = difflib.get_close_matches(str(target), sorted(REGISTRY), n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return GenexpError(
+        f"{key}._target_={target}: not a configurable target{hint}; configs construct only the classes "
+        "genexp registers (genexp.build.REGISTRY), so no other code runs from a config"
+    )
+
+
+def check_targets(node: Any, key: str) -> None:
+    """Refuse any ``_target_`` anywhere inside ``node`` that is not registered, before anything runs.
+
+    Reading every value also surfaces a ``???`` or a broken ``${...}`` here, before construction."""
+    if isinstance(node, DictConfig | dict):
+        target = node.get("_target_")
+        if target is not None and (not isinstance(target, str) or target not in REGISTRY):
+            raise refusal(key, target)
+        for k, v in node.items():
+            if k != "_target_":
+                check_targets(v, f"{key}.{k}")
+    elif isinstance(node, list | tuple | ListConfig):
+        for i, v in enumerate(node):
+            check_targets(v, f"{key}[{i}]")
+
+
+def checked(node: Any, key: str) -> None:
+    """:func:`check_targets`, with a ``???`` or a broken ``${...}`` met on the way as one line."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        check_targets(node, key)
+    except MissingMandatoryValue as err:
+        name = getattr(err, "full_key", None) or key
+        raise GenexpError(f"{name}=???: a required value; pass {name}=<value>") from None
+    except OmegaConfBaseException as err:
+        first = str(err).strip().splitlines()[0]
+        raise GenexpError(f"{getattr(err, 'full_key', None) or key}: {first}") from None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every ``_target_`` of a whole run config, before any of it is built."""
+    for key, node in cfg.items():
+        if isinstance(node, DictConfig | ListConfig):
+            checked(node, str(key))
+
+
+def instantiate(node: Any, key: str, **kwargs) -> Any:
+    """``hydra.utils.instantiate`` of registered targets only, whose errors name the config key."""
+    import hydra
+
+    checked(node, key)
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except hydra.errors.InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, ConfigError):
+            raise GenexpError(f"{key}.{cause.key}={cause.value!r}: {cause.message}") from None
+        if isinstance(cause, GenexpError):
+            raise cause from None
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        # "Error loading 'x':" says what follows on the next line
+        first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines or [""])[0]
+        first = first or type(cause).__name__
+        raise GenexpError(f"{key}: {first}") from None
+
+
+def _escape(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: _escape(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape(v) for v in value]
+    return value
+
+
+def as_data(container: dict) -> DictConfig:
+    """A config read back from disk (a checkpoint's stored config) as data: every string is kept
+    literally, so a stored ``${oc.env:SECRET}`` stays that text and is never resolved."""
+    if not isinstance(container, dict):
+        raise TypeError(f"a stored config must be a mapping, not {type(container).__name__}")
+    return OmegaConf.create(_escape(container))
+
+
+def guard_hydra() -> None:
+    """Check what Hydra itself instantiates from the composed config (``hydra.callbacks``,
+    ``hydra.launcher``, ``hydra.sweeper``) against the registry too: a user config group can set
+    those, and Hydra builds them before any genexp code runs."""
+    import hydra.core.plugins as plugins
+    import hydra.utils
+
+    if getattr(hydra.utils.instantiate, "_genexp_guarded", False):
+        return
+    original = hydra.utils.instantiate
+
+    def guarded(config: Any, *args: Any, **kwargs: Any) -> Any:
+        key = _hydra_key(config)
+        check_targets(config, key)
+        target = kwargs.get("_target_")
+        if isinstance(target, str) and target not in REGISTRY:
+            raise refusal(key, target)
+        return original(config, *args, **kwargs)
+
+    guarded._genexp_guarded = True  # type: ignore[attr-defined]
+    hydra.utils.instantiate = guarded
+    plugins.instantiate = guarded
+
+
+def _hydra_key(config: Any) -> str:
+    try:
+        return (config._get_full_key(None) or "hydra") if isinstance(config, DictConfig) else "hydra"
+    except Exception:  # noqa: BLE001 - only the message's key
+        return "hydra"
+
+
+def registered(names: Iterable[str]) -> list[str]:
+    """The names of ``names`` that are not registered (for tests and ``--help``)."""
+    return [n for n in names if n not in REGISTRY]
