@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from genexp import atomic
+from genexp.data.base import check_cache_dir
 from genexp.errors import GenexpError
 from genexp.metrics.classifier import SmallCNN, accuracy, train_classifier
 
@@ -219,8 +220,18 @@ def _load_classifier(path: Path, key: str) -> tuple[SmallCNN, float] | None:
 
 
 def save_atomic(blob: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    atomic.save_torch(blob, path)
+    """Write a cache file (``torch.save`` to a temporary file beside ``path``, then rename: readers
+    never see half a file). A cache is optional: a failed write (full disk, read-only, no permission)
+    is a warning and the caller goes on with what it computed; no temporary file is left."""
+    try:
+        atomic.save_torch(blob, path)
+    except OSError as err:
+        log.warning(
+            "cache %s was not written (%s); going on without it: free space there or point GENEXP_CACHE "
+            "(paths.cache_dir) at a writable folder",
+            path,
+            err.strerror or type(err).__name__,
+        )
 
 
 def classifier_features(
@@ -244,6 +255,7 @@ def classifier_features(
         The extractor (on ``device``) and ``{"features", "accuracy", "cache", "trained"}``;
         ``accuracy`` is the test-split accuracy recorded when it was trained.
     """
+    cache_dir = check_cache_dir(cache_dir)  # a file there is one line naming GENEXP_CACHE, before training
     splits = source.load()
     train_x, train_y = _labelled(splits.train)
     test_x, test_y = _labelled(splits.test)
@@ -254,7 +266,7 @@ def classifier_features(
         )
     digest = content_hash(train_x, train_y, test_x, test_y, epochs, seed, CLASSIFIER_VERSION)[:10]
     key = f"{source.name}-{source.image_size}x{source.channels}-{digest}"
-    path = Path(cache_dir).expanduser() / "classifier" / f"{key}.pt"
+    path = cache_dir / "classifier" / f"{key}.pt"
 
     cached = _load_classifier(path, key)
     trained = cached is None
