@@ -281,3 +281,20 @@ def test_the_feature_classifier_refuses_a_cache_dir_that_is_a_file(tmp_path):
     with pytest.raises(GenexpError) as err:
         classifier_features(Synthetic(num_images=40, image_size=8, num_classes=2), blocker, epochs=1)
     assert CACHE_IS_A_FILE in str(err.value) and "\n" not in str(err.value)
+
+
+def test_only_rank_zero_reports_the_folder(tmp_path, monkeypatch, caplog):
+    """Every DDP rank reads the same folder; the counts are logged once (rank 0), kept on every rank."""
+    root = tmp_path / "imgs"
+    for i in range(3):
+        solid(root / f"{i}.png", "RGB", (60 * i, 0, 0))
+    (root / "broken.png").write_bytes(b"not a png")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        source = ImageFolder(str(root), image_size=4)
+        source.load()
+    assert source.skipped["unreadable"] == 1 and caplog.text == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        ImageFolder(str(root), image_size=4).load()
+    assert "skipped 1 unreadable file(s) of 4 (first: broken.png: UnidentifiedImageError)" in caplog.text
