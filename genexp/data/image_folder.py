@@ -75,7 +75,8 @@ def to_uint8(image, channels: int) -> np.ndarray:
         array = _grey_levels(image)[..., None]
     else:
         grey = image.mode in ("1", "L", "LA", "La")
-        transparent = image.has_transparency_data
+        # what Pillow >= 10.1 calls has_transparency_data: an alpha band, or a transparent colour/entry
+        transparent = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
         target = ("LA" if transparent else "L") if grey else ("RGBA" if transparent else "RGB")
         array = np.asarray(image.convert(target), dtype=np.uint8)
         array = array[..., None] if array.ndim == 2 else array
