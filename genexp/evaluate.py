@@ -259,7 +259,10 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
     target = evaluation_file(out)
     if wanted & set(FIDELITY):  # the feature classifier and the real statistics are cached there
         writable_folder(
-            "cache_dir", Path(settings.cache_dir), example="<a writable folder> (or set GENEXP_CACHE)"
+            "cache_dir",
+            Path(settings.cache_dir),
+            example="<a writable folder> (or set GENEXP_CACHE)",
+            create=False,
         )
     extractor = None
     if settings.features == "inception" and wanted & set(FIDELITY):  # a missing weights file fails first
@@ -398,7 +401,7 @@ def evaluation_file(out: str | Path | None, key: str = "out") -> Path | None:
         raise GenexpError(
             f"{key}={path}: is a folder; pass {key}=<a file>.json (or {key}={path}/evaluation.json)"
         )
-    writable_folder(key, path.parent, value=path, example="<a writable folder>/evaluation.json")
+    writable_folder(key, path.parent, value=path, example="<a writable folder>/evaluation.json", create=False)
     if path.exists() and not os.access(path, os.W_OK):
         raise GenexpError(f"{key}={path}: is read-only; pass {key}=<a writable file>.json")
     return path

@@ -84,28 +84,36 @@ def check_finite(key: str, value: Any, fix: str, positive: bool = False) -> floa
     return number
 
 
-def writable_folder(key: str, folder: Path, value: Any = None, example: str = "<a writable folder>") -> Path:
-    """``folder``, created if missing; refused in one line naming ``key`` when that cannot be
-    written (checked before any work: a long sampling run must not end in a write error).
+def writable_folder(
+    key: str, folder: Path, value: Any = None, example: str = "<a writable folder>", create: bool = True
+) -> Path:
+    """``folder``, created if missing (``create``); refused in one line naming ``key`` when it
+    cannot be written (checked before any work: a long run must not end in a write error).
 
     Args:
         value: what the user passed, shown in the message (default: ``folder``).
         example: the fix's value, ``pass <key>=<example>``.
+        create: False checks the nearest existing folder above a missing one and creates nothing.
     """
     shown = folder if value is None else value
     where = "" if value is None else f" ({folder})"
     if folder.exists() and not folder.is_dir():
-        raise GenexpError(
-            f"{key}={shown}: {'it' if value is None else folder} is a file, not a folder; pass {key}={example}"
-        )
+        what = "it" if value is None else str(folder)
+        raise GenexpError(f"{key}={shown}: {what} is a file, not a folder; pass {key}={example}")
+    existing = folder
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise GenexpError(
             f"{key}={shown}: cannot create the folder{where} ({reason}); pass {key}={example}"
         ) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise GenexpError(f"{key}={shown}: the folder{where} is read-only; pass {key}={example}")
     return folder
 
