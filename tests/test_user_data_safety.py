@@ -440,6 +440,10 @@ EVAL_CASES = {
         "out={file}/e.json: {file} is a file, not a folder; pass out=<a writable folder>/evaluation.json",
     ),
     "out-read-only": (["out={ro}/e.json"], "out={ro}/e.json: the folder ({ro}) is read-only; pass out="),
+    "cache-dir-under-a-file": (
+        ["cache_dir={file}/cache"],
+        "cache_dir={file}/cache: cannot create the folder (Not a directory); pass cache_dir=<a writable folder>",
+    ),
     "cache-dir-a-file": (
         ["cache_dir={file}"],
         "cache_dir={file}: it is a file, not a folder; pass cache_dir=<a writable folder> (or set GENEXP_CACHE)",
