@@ -112,8 +112,8 @@ def check_first_stage_fits(cfg: DictConfig, first: DictConfig, value: str) -> No
         mine, theirs = data.get(key), trained.get(key)
         if mine is not None and theirs is not None and mine != theirs:
             raise GenexpError(
-                f"model.first_stage={value}: trained on {theirs} {key.replace('_', ' ')} images, this run's "
-                f"data has dataset.{key}={mine}; train the first stage on this data (or set dataset.{key}={theirs})"
+                f"model.first_stage={value}: trained on images of {key}={theirs}, this run's data has "
+                f"dataset.{key}={mine}; train the first stage on this data (or set dataset.{key}={theirs})"
             )
 
 

@@ -279,10 +279,11 @@ def own_best_checkpoint(checkpoint) -> str:
     of another run's: testing that path would score another run's weights (or fail once it is gone)."""
     best = str(getattr(checkpoint, "best_model_path", "") or "") if checkpoint else ""
     folder = getattr(checkpoint, "dirpath", None)
-    if not best:
+    if not best or not folder:
         return ""
-    if folder and Path(best).parent.resolve() == Path(folder).resolve() and Path(best).is_file():
-        return best
+    own = Path(folder) / Path(best).name  # a run dir that was moved finds its best.ckpt where it is now
+    if own.is_file():  # written into this run's own folder: this run's (never a path from elsewhere)
+        return str(own)
     log.warning(
         "the resumed checkpoint's best.ckpt (%s) is not this run's: testing the weights trained here", best
     )

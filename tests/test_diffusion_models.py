@@ -207,7 +207,7 @@ def test_ldm_rejects_a_missing_or_wrong_first_stage(tmp_path):
         build_model(compose_cfg(["model=ldm", "dataset=synthetic", f"model.first_stage={flow}"], tmp_path))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(GenexpError, match=r"model\.first_stage=.*cannot load it safely"):
+    with pytest.raises(GenexpError, match=r"model\.first_stage=.*a text file, not a PyTorch checkpoint"):
         build_model(compose_cfg(["model=ldm", "dataset=synthetic", f"model.first_stage={junk}"], tmp_path))
 
 
@@ -261,7 +261,9 @@ def test_two_stage_recipe_trains_the_first_stage_then_reuses_it(tmp_path, caplog
     stage1 = run / "first_stage"
     assert json.loads((stage1 / "metrics.json").read_text())["model"] == "VAE"
     assert json.loads((run / "metrics.json").read_text())["model"] == "LDM"
-    assert ckpt(run)["genexp"]["config"]["model"]["first_stage"] == str(stage1)
+    # the checkpoint names the first stage's run and stores its config (it rebuilds without that run)
+    stored = ckpt(run)["genexp"]["config"]["model"]["first_stage"]
+    assert stored["source"].startswith(str(stage1)) and stored["config"]["model"]["_target_"].endswith(".VAE")
     stamp = (stage1 / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     caplog.set_level("INFO", logger="genexp")
     train(compose_cfg(overrides, run))

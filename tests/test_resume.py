@@ -17,10 +17,12 @@ def make_run(root, name, overrides, age=0.0):
     (run / "checkpoints").mkdir(parents=True)
     (run / ".hydra").mkdir()
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / ".hydra" / "config.yaml").write_text("{}\n")  # Hydra writes it when the run starts
     ckpt = run / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(b"x")
     stamp = time.time() - age
-    os.utime(ckpt, (stamp, stamp))
+    for path in (ckpt, run / ".hydra" / "config.yaml"):
+        os.utime(path, (stamp, stamp))
     return run
 
 
