@@ -362,14 +362,18 @@ SAMPLE_CASES = {
     "out-a-file": (
         "gan",
         ["out={file}"],
-        "out={file}: it is a file, not a folder; pass out=<a writable folder>",
+        "out={file}" + ": it is a file, not a folder; pass out=<a writable folder>",
     ),
     "out-under-a-file": (
         "gan",
         ["out={file}/x"],
-        "out={file}/x: cannot create the folder (Not a directory); pass out=",
+        "out={file}/x" + ": cannot create the folder (Not a directory); pass out=",
     ),
-    "out-read-only": ("gan", ["out={ro}"], "out={ro}: the folder is read-only; pass out=<a writable folder>"),
+    "out-read-only": (
+        "gan",
+        ["out={ro}"],
+        "out={ro}" + ": the folder is read-only; pass out=<a writable folder>",
+    ),
 }
 
 
@@ -434,19 +438,22 @@ EVAL_CASES = {
     "features-empty": (["features=''"], "features='': must be one of classifier, inception"),
     "device-empty": (["device=''"], "device='': must be one of auto, cpu, cuda"),
     "truncation-inf": (["truncation=inf", "metrics=[speed]"], "truncation=inf: must be finite"),
-    "out-a-folder": (["out={folder}"], "out={folder}: is a folder; pass out=<a file>.json"),
+    "out-a-folder": (["out={folder}"], "out={folder}" + ": is a folder; pass out=<a file>.json"),
     "out-under-a-file": (
         ["out={file}/e.json"],
-        "out={file}/e.json: {file} is a file, not a folder; pass out=<a writable folder>/evaluation.json",
+        "out={file}/e.json: {file}"
+        + " is a file, not a folder; pass out=<a writable folder>/evaluation.json",
     ),
-    "out-read-only": (["out={ro}/e.json"], "out={ro}/e.json: the folder ({ro}) is read-only; pass out="),
+    "out-read-only": (["out={ro}/e.json"], "out={ro}/e.json" + ": the folder ({ro}) is read-only; pass out="),
     "cache-dir-under-a-file": (
         ["cache_dir={file}/cache"],
-        "cache_dir={file}/cache: cannot create the folder (Not a directory); pass cache_dir=<a writable folder>",
+        "cache_dir={file}/cache"
+        + ": cannot create the folder (Not a directory); pass cache_dir=<a writable folder>",
     ),
     "cache-dir-a-file": (
         ["cache_dir={file}"],
-        "cache_dir={file}: it is a file, not a folder; pass cache_dir=<a writable folder> (or set GENEXP_CACHE)",
+        "cache_dir={file}"
+        + ": it is a file, not a folder; pass cache_dir=<a writable folder> (or set GENEXP_CACHE)",
     ),
 }
 
