@@ -481,7 +481,7 @@ def test_cli_prints_the_fuzzed_error_in_one_line(runs, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES], ids=["disk-full", "permission-denied"])
 def test_a_failed_sample_write_names_out_not_paths_log_dir(code, runs, tmp_path, monkeypatch):
     def fail(file, **arrays):
         file.write(b"half")
