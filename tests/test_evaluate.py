@@ -119,7 +119,14 @@ def test_fid_callback_logs_val_fid_and_can_pick_the_best_checkpoint(tmp_path):
     with (run / "csv" / "metrics.csv").open() as f:
         values = [float(row["val/fid"]) for row in csv.DictReader(f) if row.get("val/fid")]
     assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "csv", "metrics.json", "samples"]
+    # the run dir holds the run and its lock file (genexp.runlock), nothing else
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".genexp.lock",
+        "checkpoints",
+        "csv",
+        "metrics.json",
+        "samples",
+    ]
     assert (run / "checkpoints" / "best.ckpt").is_file()
     assert list((tmp_path / "cache" / "classifier").glob("*.pt")), "the classifier is cached"
 
