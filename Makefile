@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # set TORCH_SPEC= to let pip choose.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-all lint bench compare clean
+.PHONY: install run test test-all lint bench compare clean browser
 
 install: $(STAMP)
 
@@ -21,10 +21,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/genexp train $(ARGS)
 
-test: $(STAMP)
+# the report test renders the HTML page in headless Chromium: Debian's package, installed if missing
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
+test: $(STAMP) browser
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
