@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         report_main(args)
         return
     os.environ["GENEXP_COMMAND"] = command
+    if command == "compare":
+        args = [quote_train_args(a) for a in args]
     if command == "train" and not relaunched:
         from genexp.resume import resume_argv
 
@@ -176,19 +178,34 @@ def main(argv: list[str] | None = None) -> None:
     from genexp.build import guard_hydra
 
     guard_hydra()  # what Hydra itself builds from the config (hydra.callbacks) is registry-checked too
-    run_stoppable(APPS[command])
+    run_stoppable(APPS[command], command)
 
 
-def run_stoppable(app) -> None:
+def quote_train_args(arg: str) -> str:
+    """``train_args=data.batch_size=128 trainer.precision=bf16-mixed``, as the shell passes the README's
+    ``train_args='data.batch_size=128 ...'``, is no Hydra value (an unquoted ``=``): quote it for
+    Hydra, which hands compare the string (a list ``train_args=[...]`` or a quoted value is kept)."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+") != "train_args" or not value or value[0] in "[\"'":
+        return arg
+    if "'" not in value:
+        return f"{key}='{value}'"
+    return key + '="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_stoppable(app, command: str) -> None:
     """Run ``app`` with SIGTERM/SIGUSR1/SIGINT acting at once wherever it is (genexp.signals): the
     process prints one line and exits 75 (130 for SIGINT), every file it was writing left as it was."""
-    from genexp.signals import Interrupted, install
+    from genexp.signals import Interrupted, install, signal_name
 
     install()
     try:
         app()
     except Interrupted as err:
-        print(f"genexp: {err}", file=sys.stderr)
+        message = str(err)
+        if message == f"stopped by {signal_name(err.signum)}":  # nothing more specific was said
+            message += f" during genexp {command}: no partial output was left; run it again"
+        print(f"genexp: {message} (exit status {err.code})", file=sys.stderr)
         sys.exit(err.code)
 
 

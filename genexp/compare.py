@@ -13,12 +13,14 @@ settings and is newer than the checkpoint) and ``<out>/report/`` is written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,13 +30,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from genexp.errors import ConfigError, GenexpError, check_float, check_int
+from genexp import atomic
+from genexp.errors import GenexpError
+from genexp.signals import Interrupted, block, signal_name
 
 log = logging.getLogger("genexp")
 
-# families that need more than a dataset to train (latent diffusion: a trained first stage)
-NEEDS_SETUP = ("ldm",)
 FAILED = "compare_failed.json"
+MAX_SEEDS = 1000
+MAX_BUDGET_MINUTES = 14 * 24 * 60  # two weeks a run: beyond that a typo, not a plan
+# seconds a stopped compare gives its training run to save last.ckpt (SLURM kills 30 s after SIGTERM)
+STOP_GRACE_S = 20.0
 
 
 def model_options() -> list[str]:
@@ -43,9 +49,24 @@ def model_options() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def needs_first_stage(family: str) -> bool:
+    """Whether the family trains on a first stage's latents (latent diffusion), read from its config:
+    its ``family.needs_first_stage`` flag, else a ``model.first_stage`` that the option leaves null
+    (required)."""
+    import yaml
+
+    text = (resources.files("genexp.configs") / "model" / f"{family}.yaml").read_text()
+    node = yaml.safe_load(text) or {}
+    flag = (node.get("family") or {}).get("needs_first_stage")
+    if flag is not None:
+        return bool(flag)
+    model = node.get("model") or {}
+    return "first_stage" in model and model["first_stage"] is None
+
+
 def default_families() -> list[str]:
-    """Every model option but those that need extra setup (``ldm``)."""
-    return [f for f in model_options() if f not in NEEDS_SETUP]
+    """Every model option but those that need a first stage (compare trains one stage per run)."""
+    return [f for f in model_options() if not needs_first_stage(f)]
 
 
 def max_time(minutes: float) -> str:
@@ -86,26 +107,70 @@ def genexp_command() -> list[str]:
     return [sys.executable, "-m", "genexp.cli"]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the compare process dies, even by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``; elsewhere a no-op), so no training run outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_logged(cmd: list[str], label: str) -> tuple[int, list[str]]:
-    """Run ``cmd``, passing its output on to the log line by line; return (exit code, last lines)."""
+    """Run ``cmd``, passing its output on to the log line by line; return (exit code, last lines).
+
+    The child runs in its own process group; a stop signal here (genexp.signals) is passed on to
+    that group, the child gets :data:`STOP_GRACE_S` to save and exit, then the group is killed."""
     log.info("%s: %s", label, " ".join(cmd[2:]))
     env = {**os.environ}
     env.pop("GENEXP_COMMAND", None)
     tail: collections.deque[str] = collections.deque(maxlen=40)
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     ) as proc:
         try:
             for line in proc.stdout:
                 line = line.rstrip()
                 tail.append(line)
                 log.info("  %s", line)
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            raise
+        except (Interrupted, KeyboardInterrupt) as err:
+            signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+            code = stop_child(proc, signum)
+            raise Interrupted(
+                signum,
+                f"stopped by {signal_name(signum)}: passed it on to the training run (pid {proc.pid}), "
+                f"which exited with status {code}; run the same command again to resume",
+            ) from None
         code = proc.wait()
     return code, list(tail)
+
+
+def stop_child(proc: subprocess.Popen, signum: int) -> int:
+    """Send ``signum`` to the child's process group, wait up to :data:`STOP_GRACE_S` (reading its
+    output, or it would block on a full pipe), then SIGKILL the group. Returns its exit status."""
+    block()  # a second signal must not leave the child orphaned half-way through this
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+    try:
+        out, _ = proc.communicate(timeout=STOP_GRACE_S)
+        for line in (out or "").splitlines()[-20:]:
+            log.info("  %s", line.rstrip())
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "the training run did not stop within %.0f s of %s: killing it", STOP_GRACE_S, signal_name(signum)
+        )
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # what else is left in its group (data workers)
+    return proc.wait()
 
 
 def error_line(tail: list[str]) -> str:
@@ -120,9 +185,8 @@ def error_line(tail: list[str]) -> str:
 
 
 def mark_failed(job: Job, code: int, message: str) -> None:
-    job.run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"family": job.family, "seed": job.seed, "returncode": code, "error": message}
-    (job.run_dir / FAILED).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic.write_json(job.run_dir / FAILED, payload)
     log.warning("%s failed: %s", job.name, message)
 
 
@@ -134,8 +198,8 @@ def failure(job: Job) -> str:
 
 
 def interrupted(code: int) -> bool:
-    """Killed by a signal or Ctrl-C: resumable, not a failure of the run."""
-    return code < 0 or code in (130, 137, 143)
+    """Preempted (75, last.ckpt saved), killed by a signal or Ctrl-C: resumable, not a failure."""
+    return code < 0 or code in (75, 130, 137, 143)
 
 
 @dataclass
@@ -157,27 +221,60 @@ def train_args(value) -> list[str]:
         return []
     if isinstance(value, str):
         return shlex.split(value)
+    if not (OmegaConf.is_list(value) or isinstance(value, list | tuple)):
+        raise GenexpError(
+            f"train_args={value}: must be overrides for genexp train, e.g. train_args='data.batch_size=128'"
+        )
     return [str(a) for a in value]
 
 
 def check_config(cfg: DictConfig) -> tuple[list[str], list[int]]:
-    try:
-        seeds = check_int("seeds", cfg.seeds, minimum=1)
-        check_float("budget_minutes", cfg.budget_minutes, positive=True)
-    except ConfigError as err:
-        raise GenexpError(str(err)) from None
+    """The families and seeds to train; every key refused in one line before anything runs."""
+    seeds, budget = cfg.get("seeds"), cfg.get("budget_minutes")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise GenexpError(
+            f"seeds={seeds}: must be a whole number of seeds from 1 to {MAX_SEEDS}; e.g. seeds=3"
+        )
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, int | float)
+        or not 0 < budget <= MAX_BUDGET_MINUTES
+    ):
+        raise GenexpError(
+            f"budget_minutes={budget}: must be a number of minutes above 0 and at most "
+            f"{MAX_BUDGET_MINUTES} (two weeks); e.g. budget_minutes=5"
+        )
+    families = parse_families(cfg.get("families"))
+    extra = train_args(cfg.get("train_args"))
+    staged = [f for f in families if needs_first_stage(f)]
+    given = any(a.lstrip("+").startswith("model.first_stage=") for a in extra)
+    if staged and not (given and len(families) == 1):
+        raise GenexpError(
+            f"families=[{','.join(families)}]: {', '.join(staged)} needs a trained first stage (model.first_stage), "
+            "which compare does not train; train both stages with genexp train experiment=ldm_two_stage, "
+            f"or compare it alone on one: families=[{staged[0]}] train_args='model.first_stage=<AE/VAE run dir>'"
+        )
+    return families, list(range(seeds))
+
+
+def parse_families(value) -> list[str]:
+    """``families``: a list or a comma-separated string of ``model/`` options (null: the defaults)."""
     options = model_options()
-    families = cfg.get("families")
-    if families is None:
-        families = default_families()
-    elif isinstance(families, str):
-        families = [f.strip() for f in families.split(",") if f.strip()]
+    if value is None:
+        return default_families()
+    if isinstance(value, str):
+        families = [f.strip() for f in value.split(",") if f.strip()]
+    elif OmegaConf.is_list(value) or isinstance(value, list | tuple):
+        families = [str(f) for f in value]
     else:
-        families = [str(f) for f in families]
+        families = [str(value)]
     unknown = [f for f in families if f not in options]
     if unknown or not families:
-        raise GenexpError(f"families={families}: each must be one of {', '.join(options)} (the model/ group)")
-    return list(dict.fromkeys(families)), list(range(seeds))
+        raise GenexpError(
+            f"families=[{','.join(families)}]: {', '.join(unknown) or 'empty'} is not a model option; "
+            f"pick from {', '.join(options)}, e.g. families=[ae,vae]"
+        )
+    return list(dict.fromkeys(families))
 
 
 def train_jobs(cfg: DictConfig, jobs: list[Job], common: list[str]) -> tuple[list[str], list[str]]:
@@ -345,6 +442,6 @@ def compare(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResu
         "train_overrides": common,
         "evaluation": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else {},
     }
-    (out / "compare.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic.write_json(out / "compare.json", meta)
     html, markdown = write_report(out, out / "report")
     return CompareResult(out, jobs, trained, skipped, failed, evaluated, html, markdown)

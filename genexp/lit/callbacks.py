@@ -12,7 +12,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from genexp import atomic
 from genexp.errors import check_float, check_int
+from genexp.signals import fault_pause
 
 log = logging.getLogger("genexp")
 
@@ -54,8 +56,19 @@ def latent_scatter(latents: torch.Tensor, labels: torch.Tensor, path: Path, titl
         fig.colorbar(sc, ax=ax, label="label")
     ax.set(xlabel=axes[0], ylabel=axes[1], title=title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def save_png(images: torch.Tensor, path: Path, nrow: int) -> None:
+    """torchvision's grid, written atomically: a signal or a full disk leaves no half PNG."""
+    from torchvision.utils import save_image
+
+    with atomic.atomic_path(path) as tmp:
+        save_image(images, tmp, nrow=nrow, format="png")
 
 
 class SampleGrid(pl.Callback):
@@ -101,8 +114,6 @@ class SampleGrid(pl.Callback):
 
     @rank_zero_only
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
-        from torchvision.utils import save_image
-
         from genexp.lit.ema import sampling_family
 
         model = sampling_family(trainer, pl_module)  # the EMA weights when the run averages them
@@ -114,14 +125,15 @@ class SampleGrid(pl.Callback):
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
                 samples = model.sample(self.num_samples, generator=generator).float().clamp(0, 1)
                 path = self.dirpath / f"{tag}_samples.png"
-                save_image(samples.cpu(), path, nrow=int(self.num_samples**0.5))
+                fault_pause("sample_grid")
+                save_png(samples.cpu(), path, nrow=int(self.num_samples**0.5))
                 self._done(trainer, "samples", path, tag)
                 if "temperature" in inspect.signature(model.sample).parameters:
                     for t in self.temperatures:  # the same noise, scaled: z ~ N(0, T^2 I)
                         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
                         samples = model.sample(self.num_samples, generator=generator, temperature=t)
                         path = self.dirpath / f"{tag}_samples_t{t:g}.png"
-                        save_image(samples.float().clamp(0, 1).cpu(), path, nrow=int(self.num_samples**0.5))
+                        save_png(samples.float().clamp(0, 1).cpu(), path, nrow=int(self.num_samples**0.5))
                         self._done(trainer, f"samples_t{t:g}", path, tag)
                 datamodule = trainer.datamodule
                 if hasattr(model, "reconstruct") and datamodule is not None:
@@ -130,7 +142,7 @@ class SampleGrid(pl.Callback):
                     recon = model.reconstruct(x).float().clamp(0, 1)
                     pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original, reconstruction, ...
                     path = self.dirpath / f"{tag}_reconstructions.png"
-                    save_image(pairs.cpu(), path, nrow=2 * int((self.num_samples // 2) ** 0.5))
+                    save_png(pairs.cpu(), path, nrow=2 * int((self.num_samples // 2) ** 0.5))
                     self._done(trainer, "reconstructions", path, tag)
                 if hasattr(model, "encode") and self.latent_points and datamodule is not None:
                     x, y = datamodule.fixed_batch("val", self.latent_points)

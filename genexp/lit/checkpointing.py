@@ -4,12 +4,16 @@
   file in the same folder, fsyncs it and renames it over the old one, so a kill or a full disk
   during the write leaves the previous checkpoint as it was; it refuses non-finite weights.
 - :class:`StepCheckpoint` writes ``last.ckpt`` at step boundaries every ``every_n_steps`` steps
-  and/or ``every_minutes`` minutes, and on SIGTERM/SIGUSR1 (a scheduler's preemption notice) at the
-  next step boundary, then stops the run with :data:`PREEMPTED_EXIT_CODE`.
+  and/or ``every_minutes`` minutes, and on SIGTERM/SIGUSR1/SIGINT (docs/reliability.md, "Signals"):
+  inside a training step at the next step boundary; in validation, sample grids and other epoch-end
+  work at once, writing the state of the last training step (kept in memory from that step's end).
+  The run then exits with 75 (SIGTERM, SIGUSR1) or 130 (SIGINT).
 
 Fault injection for tests (environment variables, read when set): ``GENEXP_FAULT_SLOW_WRITE=<s>``
 sleeps s seconds in the middle of every checkpoint write, ``GENEXP_FAULT_SLOW_STEP=<s>`` before
-every training step, so a test can kill a process at those points.
+every training step, ``GENEXP_FAULT_PAUSE=validation|test[:<s>]`` in the first batch of a fit's
+validation or of the test (:func:`genexp.signals.fault_pause`), so a test can signal or kill a
+process at those points.
 """
 
 from __future__ import annotations
@@ -26,28 +30,33 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
 from genexp.atomic import fsync_dir, temp_path
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
+from genexp.signals import (
+    PREEMPTED_EXIT_CODE,
+    STOP_SIGNALS,
+    Interrupted,
+    exit_status,
+    fault_pause,
+    signal_name,
+)
 
 log = logging.getLogger("genexp")
 
-# EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry" - resume the run
-PREEMPTED_EXIT_CODE = 75
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+PREEMPTION_SIGNALS = STOP_SIGNALS
 
 
-class Preempted(SystemExit):
-    """The run saved ``last.ckpt`` after a preemption signal and stops; ``genexp train`` exits with
-    :data:`PREEMPTED_EXIT_CODE` (a SystemExit, so nothing on the way reports it as a failure)."""
+class Preempted(Interrupted):
+    """The run saved ``last.ckpt`` after a stop signal and stops; ``genexp train`` exits with
+    :data:`PREEMPTED_EXIT_CODE` (130 after SIGINT), a SystemExit, so nothing on the way reports it
+    as a failure."""
 
-    def __init__(self, message: str):
-        super().__init__(PREEMPTED_EXIT_CODE)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(signum, message)
 
 
 def _fault_seconds(name: str) -> float:
@@ -144,7 +153,8 @@ class StepCheckpoint(pl.Callback):
         every_n_steps: also save every this many training steps (null: only at epoch ends, by
             ``callbacks.model_checkpoint``).
         every_minutes: also save when this many minutes have passed since the last save (null: off).
-        preemption: on SIGTERM or SIGUSR1, save at the next step boundary and exit with status 75.
+        preemption: on SIGTERM, SIGUSR1 or SIGINT save ``last.ckpt`` (at the next step boundary, or at
+            once outside a training step) and exit with status 75 (130 for SIGINT).
         slurm_requeue: after a preemption save inside a SLURM job, requeue it (``scontrol requeue``),
             as Lightning's own SLURM handling would; the requeued job resumes from ``last.ckpt``.
     """
@@ -172,6 +182,9 @@ class StepCheckpoint(pl.Callback):
         self.preemption = preemption
         self.slurm_requeue = bool(slurm_requeue)
         self._signal: int | None = None
+        self._stop_now = False  # no step boundary before the next signal-free stretch: stop at once
+        self._snapshot: dict | None = None  # the last step's checkpoint, while _stop_now
+        self._world_size = 1
         self._previous_handlers: dict[int, Any] = {}
         self._last_save = self.clock()
         self._saved_step = -1
@@ -184,16 +197,27 @@ class StepCheckpoint(pl.Callback):
 
     # ------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame) -> None:
-        # only a flag: the save happens at the next step boundary, where the state is consistent
-        self._signal = signum
+        if self._signal is None and not self._stop_now:
+            # inside a training step: only a flag; the save happens at the step boundary, where the
+            # state is consistent (and every rank takes the same decision there)
+            self._signal = signum
+            return
+        first = self._signal is None
+        self._signal = signum if first else self._signal
+        if first and self._world_size > 1:
+            return  # ranks decide together at the end of validation or of the epoch
+        # no step boundary is coming soon (validation, sample grids, epoch end), or a second signal:
+        # stop now; on_exception writes the last step's state if it is not on disk yet
+        raise Interrupted(signum)
 
     def _install(self) -> None:
         if not self.preemption or threading.current_thread() is not threading.main_thread():
             return
         for name in PREEMPTION_SIGNALS:
             signum = getattr(signal, name)
-            # replaces Lightning's SIGTERM handler for the fit (it would stop after the step without
-            # a checkpoint, or mid-validation); Lightning restores the original ones at teardown
+            # replaces Lightning's SIGTERM handler (and genexp.signals') for the fit: Lightning's
+            # would stop after the step without a checkpoint, or mid-validation, with status 0;
+            # _uninstall (or Lightning's teardown) restores them
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _uninstall(self) -> None:
@@ -204,7 +228,8 @@ class StepCheckpoint(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning registered its own handlers (Trainer._run), before the first step
         self._remove_stale_temp_files(trainer)
-        self._signal = None
+        self._signal, self._stop_now, self._snapshot = None, False, None
+        self._world_size = trainer.world_size
         connector = getattr(trainer, "_signal_connector", None)
         if self.preemption and connector is not None and connector.received_sigterm:
             # SIGTERM reached Lightning's handler before ours was in place: take it over, or Lightning
@@ -216,12 +241,54 @@ class StepCheckpoint(pl.Callback):
         self._slow_step = _fault_seconds("GENEXP_FAULT_SLOW_STEP")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._act_on_flag(trainer)
         self._uninstall()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._act_on_flag(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._act_on_flag(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._uninstall()
+        snapshot, self._snapshot = self._snapshot, None
+        if not isinstance(exception, Interrupted) or isinstance(exception, Preempted):
+            return
+        name, run = signal_name(exception.signum), self.dirpath.parent
+        if trainer.state.fn != TrainerFn.FITTING:
+            exception.message = (
+                f"stopped by {name} during the {trainer.state.fn.value}: the checkpoints are complete, "
+                f"metrics.json is not written; resume with: genexp train ckpt_path={run}"
+            )
+        elif not self._stop_now:  # a second signal inside a training step
+            exception.message = (
+                f"stopped by a second signal ({name}) inside a training step: nothing new saved, the last "
+                f"complete checkpoint is the resume point; resume with: genexp train ckpt_path={run}"
+            )
+        elif self._write_snapshot(trainer, snapshot):
+            exception.message = self._message(
+                exception.signum,
+                trainer.global_step,
+                " (the state after that step: the signal came outside a step)",
+            )
+            _tell_wandb_preempted(trainer)
+
+    def _write_snapshot(self, trainer: pl.Trainer, snapshot: dict | None) -> bool:
+        """Write the last step's state, unless ``last.ckpt`` holds that step already (an epoch-end
+        checkpoint, which also has the validation's results)."""
+        if snapshot is None or _saved_step(self.path) == snapshot.get("global_step"):
+            return True
+        try:
+            trainer.strategy.save_checkpoint(snapshot, self.path)
+        except GenexpError as err:  # a full disk: the previous last.ckpt stays the resume point
+            log.warning("%s", err)
+            return False
+        self.saves += 1
+        return True
 
     @rank_zero_only
     def _remove_stale_temp_files(self, trainer: pl.Trainer) -> None:
@@ -231,6 +298,7 @@ class StepCheckpoint(pl.Callback):
 
     # ------------------------------------------------------------ saving
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._stop_now, self._snapshot = False, None  # a step boundary is coming again
         if self._slow_step:
             time.sleep(self._slow_step)
 
@@ -250,6 +318,39 @@ class StepCheckpoint(pl.Callback):
             self.save(trainer)
         if signalled:
             self._preempted(trainer)
+        if self.preemption and _epoch_work_follows(trainer):
+            # validation, sample grids or the epoch end come before the next step boundary: a signal
+            # there stops at once and writes this step's state, taken now (where a step-boundary
+            # save would take it), unless last.ckpt already holds this step
+            self._snapshot = None if step == self._saved_step else _detached(self._dump(trainer))
+            self._stop_now = True
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            fault_pause("validation")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        fault_pause("test")
+
+    def _dump(self, trainer: pl.Trainer) -> dict:
+        return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+    def _act_on_flag(self, trainer: pl.Trainer) -> None:
+        """A signal that is still a flag here (under DDP, where ranks decide together; or one that
+        came in after the last step of a run stopped by ``max_time``) stops the run now."""
+        signalled = self._signal is not None
+        if trainer.world_size > 1:
+            flag = torch.tensor([float(signalled)], device=trainer.strategy.root_device)
+            signalled = float(trainer.strategy.reduce(flag, reduce_op="max")) > 0
+        if not signalled:
+            return
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is not None:
+            self._write_snapshot(trainer, snapshot)
+            trainer.strategy.barrier("StepCheckpoint.preempted")
+        elif trainer.global_step != self._saved_step:
+            self.save(trainer)  # a consistent point: where ModelCheckpoint saves too
+        self._preempted(trainer)
 
     def save(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` now (every rank calls it; rank 0 writes)."""
@@ -258,17 +359,21 @@ class StepCheckpoint(pl.Callback):
         self._last_save = self.clock()
         self.saves += 1
 
-    def _preempted(self, trainer: pl.Trainer) -> None:
-        name = signal.Signals(self._signal).name if self._signal is not None else "a signal from another rank"
-        message = (
-            f"preempted by {name}: saved {self.path} at global step {trainer.global_step}; exiting with "
-            f"status {PREEMPTED_EXIT_CODE}. Resume with: genexp train ckpt_path={self.dirpath.parent}"
+    def _message(self, signum: int | None, step: int, note: str = "") -> str:
+        name = signal_name(signum) if signum is not None else "a signal from another rank"
+        status = exit_status(signum) if signum is not None else PREEMPTED_EXIT_CODE
+        return (
+            f"preempted by {name}: saved {self.path} at global step {step}; exiting with status {status}"
+            f"{note}. Resume with: genexp train ckpt_path={self.dirpath.parent}"
         )
+
+    def _preempted(self, trainer: pl.Trainer) -> None:
+        message = self._message(self._signal, trainer.global_step)
         log.warning(message)
         _tell_wandb_preempted(trainer)
         if self.slurm_requeue and self._signal == signal.SIGUSR1 and trainer.is_global_zero:
             _requeue_slurm_job()
-        raise Preempted(message)
+        raise Preempted(message, self._signal if self._signal is not None else signal.SIGTERM)
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -276,6 +381,49 @@ class StepCheckpoint(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saves = int(state_dict.get("saves", 0))
+
+
+def _saved_step(path: Path) -> int | None:
+    """The global step of the checkpoint at ``path`` (memory-mapped: only that number is read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - missing or unreadable: it holds no step
+        return None
+
+
+def _epoch_work_follows(trainer: pl.Trainer) -> bool:
+    """Whether validation, the epoch end or the end of training follows this batch (Lightning's
+    own test for validation, so both agree)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if epoch_loop.batch_progress.is_last_batch:
+        return True
+    if 0 < (trainer.max_steps or -1) <= trainer.global_step or trainer.should_stop:
+        return True
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    if timer is not None and timer._duration is not None and (timer.time_remaining("train") or 0) <= 0:
+        return True  # max_time is up: validation and the end of training follow
+    try:
+        return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except AttributeError:  # another Lightning: validate at epoch ends only
+        return False
+
+
+def _detached(checkpoint: dict) -> dict:
+    """A copy of ``checkpoint`` that later steps cannot change: tensors copied to the CPU, except
+    the optimizer states, which only the next optimizer step changes (the copy is dropped there)."""
+
+    def copy(value: Any) -> Any:
+        if torch.is_tensor(value):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        if type(value) is tuple:
+            return tuple(copy(v) for v in value)
+        return value
+
+    return {k: (v if k == "optimizer_states" else copy(v)) for k, v in checkpoint.items()}
 
 
 def _tell_wandb_preempted(trainer: pl.Trainer) -> None:
