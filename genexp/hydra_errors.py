@@ -70,7 +70,7 @@ def _unknown_key(err, cause) -> str:
 
 
 def _not_writable(err: OSError) -> str:
-    where = err.filename or "the run dir"
+    where = os.path.abspath(err.filename) if err.filename else "the run dir"
     reason = err.strerror or type(err).__name__
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"cannot write {where}: {reason}; free space or write elsewhere with paths.log_dir=<folder>"
@@ -93,15 +93,41 @@ def describe(err: BaseException) -> str | None:
     if isinstance(err, MissingConfigException):
         return _missing_option(err)
     if isinstance(err, OverrideParseException):
-        return f"{err.override}: {_lines(err.message)[0]} (see genexp train --help for the syntax)"
+        return _bad_override(err)
     if isinstance(err, CompactHydraException):
         cause = err.__cause__
         if getattr(cause, "full_key", None) and "not in struct" in str(cause):
             return _unknown_key(err, cause)
         return "; ".join(_lines(str(err))) or type(err).__name__
-    if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
-        return _not_writable(err)
+    refused = _write_refusal(err)
+    if refused is not None:
+        return _not_writable(refused)
     return None
+
+
+def _write_refusal(err: BaseException) -> OSError | None:
+    """The refused write behind ``err``: itself, or the OSError that a resolver raised while Hydra
+    resolved ``hydra.run.dir`` (the run dir is created there: a read-only working directory)."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRORS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _bad_override(err) -> str:
+    """``key=value`` Hydra cannot parse; values with characters its grammar leaves out of an
+    unquoted value (non-ASCII letters, spaces) parse once quoted."""
+    override = str(err.override)
+    line = f"{override}: {_lines(err.message)[0]}"
+    key, sep, value = override.partition("=")
+    if sep and not value.startswith(("'", '"')) and any(ord(c) > 127 or c.isspace() for c in value):
+        quoted = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f"{line}; quote a value with non-ASCII characters or spaces: '{key}=\"{quoted}\"'"
+    return f"{line} (see genexp train --help for the syntax)"
 
 
 def report_in_one_line(fail: Callable[[str], None]) -> None:

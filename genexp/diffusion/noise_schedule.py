@@ -40,10 +40,15 @@ class NoiseSchedule(nn.Module):
 
     def __init__(self, betas: Callable[[int], torch.Tensor], timesteps: int = 1000):
         super().__init__()
-        timesteps = check_int("timesteps", timesteps, minimum=1)
+        # T = 1 leaves no step between x_1 and the data: the bound's sum over t > 1 is empty and a
+        # one-step sampler cannot undo the noise
+        timesteps = check_int("timesteps", timesteps, minimum=2)
         if not callable(betas):
             raise ConfigError("betas", betas, "must be a schedule function timesteps -> betas")
-        b = torch.as_tensor(betas(timesteps)).to(torch.float64)  # (T,)
+        try:
+            b = torch.as_tensor(betas(timesteps)).to(torch.float64)  # (T,)
+        except ConfigError as err:  # the schedule function's own argument: name it under betas.
+            raise ConfigError(f"betas.{err.key}", err.value, err.message) from None
         if b.shape != (timesteps,):
             raise ConfigError("betas", betas, f"returned shape {tuple(b.shape)}, expected ({timesteps},)")
         if not bool(torch.isfinite(b).all() and (b > 0).all() and (b < 1).all()):

@@ -60,7 +60,17 @@ def check_alpha(alpha) -> float:
 
 
 def check_squeezable(image_size: int, squeezes: int, n_scales: int, family: str) -> None:
-    """A squeeze halves H and W, so the image size must be divisible by 2**squeezes."""
+    """A squeeze halves H and W, so the image size must be divisible by 2**squeezes.
+
+    More squeezes than ``image_size`` has bits is refused before 2**squeezes is computed: with
+    ``n_scales=2**62`` that power alone would take all memory."""
+    if squeezes >= image_size.bit_length():
+        raise ConfigError(
+            "n_scales",
+            n_scales,
+            f"{family} squeezes {squeezes} time(s), but image_size={image_size} halves at most "
+            f"{max(image_size.bit_length() - 1, 0)} times; lower model.n_scales",
+        )
     if image_size % 2**squeezes:
         raise ConfigError(
             "image_size",
