@@ -26,6 +26,9 @@ SEED_MAX = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything en
 REQUIRED = ("model", "dataset", "data", "optimizer", "trainer", "paths")
 # validation metrics computed from pairs of images of one batch: they need two images per batch
 PAIRWISE_METRICS = ("val/energy", "val/diversity")
+# constructor arguments the runner builds itself from what the config holds (a run dir, a stored
+# config): genexp.run.build_model_and_first_stage loads model.first_stage; its checks are there
+RUNNER_BUILT = ("first_stage",)
 
 
 def check(cfg: DictConfig) -> None:
@@ -40,6 +43,11 @@ def check(cfg: DictConfig) -> None:
         raise GenexpError(str(err)) from None
     model_fits_the_data(values)
     pairwise_metrics_have_pairs(values)
+    from genexp.data.base import check_cache_dir
+
+    check_cache_dir(
+        (values.get("paths") or {}).get("cache_dir")
+    )  # a file there: one line now, not at first use
     dry_build(cfg)
 
 
@@ -268,7 +276,12 @@ def arguments_fit_their_constructors(cfg: DictConfig, values: dict) -> None:
             check_targets(node, key)  # nothing is imported for a target configs may not name
             hints = _hints(str(plain["_target_"]))
             for name, value in plain.items():
-                if name.startswith("_") or name not in hints or _is_built(node, name, value):
+                if (
+                    name.startswith("_")
+                    or name not in hints
+                    or name in RUNNER_BUILT
+                    or _is_built(node, name, value)
+                ):
                     continue
                 problem = _problem(value, hints[name])
                 if problem:

@@ -65,16 +65,16 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.ERO
 
 def validate(cfg: DictConfig) -> None:
     """Checks that are cheaper before anything is built (the constructors check the rest)."""
+    from genexp import preflight
     from genexp.build import check_config
 
-    check_config(cfg)  # every _target_ anywhere in the run is registered, before any is built
-    check = {"seed": lambda v: check_int("seed", v, minimum=0)}
-    for k, fn in check.items():
-        try:
-            fn(cfg.get(k))
-        except ConfigError as err:
-            raise GenexpError(str(err)) from None
+    preflight.interpolations(
+        cfg
+    )  # a broken ${...} or a deleted group, with its fix, before any value is read
+    check_config(cfg)  # every _target_ anywhere in the run is registered, before any is imported or built
+    preflight.check(cfg)
     try:
+        check_int("seed", cfg.get("seed"), minimum=0)
         check_float("optimizer.lr", cfg.optimizer.get("lr"), positive=True)
         check_int("data.batch_size", cfg.data.batch_size, minimum=1)
         trainer = cfg.trainer
@@ -85,9 +85,6 @@ def validate(cfg: DictConfig) -> None:
         raise GenexpError(str(err)) from None
     refuse_ddp_sweep(cfg)
     refuse_missing_gpu(cfg)
-    from genexp import preflight
-
-    preflight.check(cfg)
 
 
 def launched_rank() -> int:

@@ -129,7 +129,7 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tiny_cfg, tmp_path):
         ("data.batch_size=0", r"data\.batch_size=0: must be >= 1"),
         ("trainer.max_epochs=many", r"trainer\.max_epochs='many': must be an integer"),
         ("seed=-3", r"seed=-3: must be >= 0"),
-        ("optimizer.betas=[0.9,2.0]", r"optimizer: Invalid beta parameter"),
+        ("optimizer.betas=[0.9,2.0]", r"optimizer\.betas=\[0\.9, 2\.0\]: must be 2 numbers in \[0, 1\)"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(override, message, tiny_cfg, tmp_path):
