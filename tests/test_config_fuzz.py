@@ -260,7 +260,7 @@ CLI = [
         ["model.latent_dim=${model.latent_dim}"],
         "genexp: error: model.latent_dim=${model.latent_dim}: the interpolation refers to itself",
     ),
-    ("delete-model", ["~model"], "genexp: error: model: missing from the config (deleted with ~model?)"),
+    ("delete-model", ["~model"], "model: missing from the config (deleted with ~model?)"),
     (
         "unicode-path",
         ["dataset=image_folder", "dataset.root={tmp}/データ"],
