@@ -26,9 +26,10 @@ SEED_MAX = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything en
 REQUIRED = ("model", "dataset", "data", "optimizer", "trainer", "paths")
 # validation metrics computed from pairs of images of one batch: they need two images per batch
 PAIRWISE_METRICS = ("val/energy", "val/diversity")
-# constructor arguments the runner builds itself from what the config holds (a run dir, a stored
-# config): genexp.run.build_model_and_first_stage loads model.first_stage; its checks are there
-RUNNER_BUILT = ("first_stage",)
+# keys the runner interprets itself before the constructor sees them, and checks there:
+# genexp.run.build_model_and_first_stage loads model.first_stage (a run dir or a stored config);
+# genexp.lit.performance picks trainer.precision (auto included) for the hardware
+RUNNER_BUILT = ("model.first_stage", "trainer.precision")
 
 
 def check(cfg: DictConfig) -> None:
@@ -279,7 +280,7 @@ def arguments_fit_their_constructors(cfg: DictConfig, values: dict) -> None:
                 if (
                     name.startswith("_")
                     or name not in hints
-                    or name in RUNNER_BUILT
+                    or f"{key}.{name}" in RUNNER_BUILT
                     or _is_built(node, name, value)
                 ):
                     continue

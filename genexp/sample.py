@@ -241,7 +241,9 @@ def check_options(cfg: DictConfig) -> dict:
         "nrow": None if cfg.get("nrow") is None else check_count("nrow", cfg.nrow),
         "name": file_stem(cfg.get("name")),
         "device": resolve_device(cfg.device),
-        "out": writable_folder("out", Path(str(out)).expanduser()) if out not in (None, "") else None,
+        "out": writable_folder("out", Path(str(out)).expanduser(), create=False)
+        if out not in (None, "")
+        else None,
     }
 
 

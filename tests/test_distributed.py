@@ -90,7 +90,15 @@ def wandb_runs(run_dir: Path) -> list[str]:
 
 
 # one set of files: what rank 0 writes, plus rank 1's own log (named as Lightning names its child)
-RUN_FILES = {".hydra", "checkpoints", "metrics.json", "samples", "train.log", "train_ddp_process_1.log"}
+RUN_FILES = {
+    ".genexp.lock",
+    ".hydra",
+    "checkpoints",
+    "metrics.json",
+    "samples",
+    "train.log",
+    "train_ddp_process_1.log",
+}
 
 
 def test_ddp_run_trains_checkpoints_resumes_and_writes_one_set_of_files(tmp_path):

@@ -105,8 +105,9 @@ def test_a_signal_outside_a_training_step_saves_the_last_step_at_once_and_resume
     if phase != "validation":
         return
     # resumed, it ends where an uninterrupted run ends, bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # one thread, as the reference
     resumed = subprocess.run(
-        genexp("train", f"ckpt_path={run}"), cwd=tmp_path, capture_output=True, text=True
+        genexp("train", f"ckpt_path={run}"), cwd=tmp_path, capture_output=True, text=True, env=env
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = tmp_path / "reference"  # in-process (the CLI's run.train), one thread like the child
