@@ -270,7 +270,15 @@ CLI = [
 ]
 
 
-@pytest.mark.parametrize("args, message", [pytest.param(*c[1:], id=c[0]) for c in CLI])
+# a process start with torch and Lightning each (~4.5 s): the in-process named case checks the
+# recursive interpolation's message, so make test-all (slow) runs its CLI twin
+SLOW_CLI = ("recursive-interpolation",)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [pytest.param(*c[1:], id=c[0], marks=pytest.mark.slow if c[0] in SLOW_CLI else ()) for c in CLI],
+)
 def test_command_line_errors_are_one_line(args, message, tmp_path, request):
     cwd = _read_only_cwd(tmp_path) if request.node.callspec.id == "read-only-cwd" else tmp_path
     # TINY without a model (~model deletes it), so nothing trains for long if a case is not refused
