@@ -160,6 +160,7 @@ def test_empty_image_folder_and_unknown_command(tmp_path):
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
 
 
+@pytest.mark.slow  # make test: test_distributed's DDP run (trains, checkpoints, resumes, one set of files)
 def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     """The distributed path (Lightning DDP, gloo) with two real processes: one run dir, one set of files."""
     run = tmp_path / "run"

@@ -85,7 +85,11 @@ def temp_files(root: Path) -> list[Path]:
 
 @pytest.mark.parametrize(
     ("phase", "sig", "status"),
-    [("validation", signal.SIGTERM, 75), ("sample_grid", signal.SIGINT, 130)],
+    # the same path (a signal outside a step); the grid case, with SIGINT, under make test-all
+    [
+        ("validation", signal.SIGTERM, 75),
+        pytest.param("sample_grid", signal.SIGINT, 130, marks=pytest.mark.slow),
+    ],
 )
 def test_a_signal_outside_a_training_step_saves_the_last_step_at_once_and_resumes_exactly(
     phase, sig, status, tmp_path
