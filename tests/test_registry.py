@@ -217,10 +217,11 @@ def test_replayed_overrides_cannot_run_a_command_or_read_the_environment(first_s
 @pytest.mark.parametrize(
     "group, text",
     [
-        (
+        pytest.param(  # the route of tests/test_errors.py's searchpath case (subprocess.run): make test-all
             "model/evil.yaml",
             "# @package _global_\nmodel:\n  _target_: genexp.compare.run_logged\n  cmd: [sh, -c, 'touch {marker}']\n"
             "  label: x\nmonitor:\n  metric: val/loss\n  mode: min\n",
+            marks=pytest.mark.slow,
         ),
         (
             "model/evil.yaml",  # Hydra builds hydra.callbacks itself, before any genexp code runs

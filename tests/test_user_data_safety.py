@@ -472,6 +472,7 @@ def test_every_evaluate_key_is_checked_in_one_line_before_any_work(case, runs, f
     assert not (runs["gan"] / "evaluation.json").exists()  # nothing evaluated
 
 
+@pytest.mark.slow  # a process start (~5 s); the in-process cases above check the same messages
 def test_cli_prints_the_fuzzed_error_in_one_line(runs, tmp_path):
     (tmp_path / "a_file").write_text("x")
     out = genexp("sample", f"ckpt={runs['gan']}", f"out={tmp_path / 'a_file'}", f"seed={BIG}", cwd=tmp_path)
