@@ -261,3 +261,46 @@ def test_a_first_stage_trained_on_other_images_is_refused(first_stage_run, tmp_p
         f"model.first_stage={first_stage_run}: trained on images of image_size=16, this run's data has "
         "dataset.image_size=8; train the first stage on this data (or set dataset.image_size=16)"
     )
+
+
+@pytest.mark.slow  # two real genexp processes (~20 s): the in-process lock test above runs in make test
+def test_a_second_genexp_train_on_a_training_run_is_refused_and_the_first_finishes_intact(tmp_path):
+    """The issue's case, end to end: ``genexp train ckpt_path=<run>`` while the run still trains
+    (paused in its first validation) stops in one line, and the first run ends complete."""
+    from test_cli import GENEXP
+
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "GENEXP_FAULT_PAUSE": "validation:8",
+    }
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [*tiny("vae"), "trainer.max_epochs=2", "logger=csv", f"hydra.run.dir={run}"]
+    first = subprocess.Popen(
+        [GENEXP, "train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pauses = 0
+    for line in first.stdout:  # wait until it is inside its second validation: last.ckpt exists then
+        pauses += "fault injection: pausing in validation" in line
+        if pauses == 2:
+            break
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    second_env = {k: v for k, v in env.items() if k != "GENEXP_FAULT_PAUSE"}
+    second = subprocess.run(
+        [GENEXP, "train", f"ckpt_path={run}"], cwd=tmp_path, env=second_env, capture_output=True, text=True
+    )
+    rest = first.stdout.read()
+    assert first.wait(timeout=120) == 0, rest[-3000:]
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"paths.output_dir={run}: another genexp process (pid {first.pid} on" in second.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["fit_time_s"] > 0
+    rows = (run / "csv" / "metrics.csv").read_text().splitlines()
+    assert len(rows) > 3 and not list(run.rglob(".*.tmp-*"))
