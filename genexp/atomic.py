@@ -8,11 +8,17 @@ Pure Python (torch is imported only by :func:`save_torch`), so every layer can u
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("genexp")
+# the file system refusing a write (full disk, quota, file size limit, permissions, read-only)
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS})
 
 
 def temp_path(path: Path) -> Path:
@@ -76,3 +82,34 @@ def save_torch(blob: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
+
+
+def save_cache(blob: Any, path: str | os.PathLike, label: str, consequence: str) -> None:
+    """:func:`save_torch` for an optional cache: a failed write (full disk, read-only, no permission)
+    is a warning (``<label> <path> was not written (<why>); <consequence>: ...``), not an error; the
+    caller goes on with what it computed, and no temporary file is left."""
+    try:
+        save_torch(blob, path)
+    except OSError as err:
+        log.warning(
+            "%s %s was not written (%s); %s: free space there or point GENEXP_CACHE (paths.cache_dir) "
+            "at a writable folder",
+            label,
+            path,
+            err.strerror or type(err).__name__,
+            consequence,
+        )
+
+
+def write_refusal(err: BaseException | None, errnos: frozenset | set | None = WRITE_ERRORS) -> OSError | None:
+    """The OSError behind ``err`` whose errno is in ``errnos`` (None: any OSError): ``err`` itself or
+    one in its cause/context chain. torch.save's zip writer reports a failed write as a RuntimeError
+    raised while handling the OSError; Hydra wraps one a resolver raised."""
+    seen = err
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and (errnos is None or seen.errno in errnos):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -14,6 +14,8 @@ import os
 import re
 from collections.abc import Callable
 
+from genexp.atomic import write_refusal
+
 # an OSError with one of these is the environment refusing a write, not a bug in genexp
 WRITE_ERRORS = {
     errno.ENOSPC,
@@ -99,22 +101,9 @@ def describe(err: BaseException) -> str | None:
         if getattr(cause, "full_key", None) and "not in struct" in str(cause):
             return _unknown_key(err, cause)
         return "; ".join(_lines(str(err))) or type(err).__name__
-    refused = _write_refusal(err)
+    refused = write_refusal(err, WRITE_ERRORS)
     if refused is not None:
         return _not_writable(refused)
-    return None
-
-
-def _write_refusal(err: BaseException) -> OSError | None:
-    """The refused write behind ``err``: itself, or the OSError that a resolver raised while Hydra
-    resolved ``hydra.run.dir`` (the run dir is created there: a read-only working directory)."""
-    seen: BaseException | None = err
-    for _ in range(5):
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno in WRITE_ERRORS:
-            return seen
-        seen = seen.__cause__ or seen.__context__
     return None
 
 

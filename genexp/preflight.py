@@ -32,9 +32,11 @@ PAIRWISE_METRICS = ("val/energy", "val/diversity")
 RUNNER_BUILT = ("model.first_stage", "trainer.precision")
 
 
-def check(cfg: DictConfig) -> None:
-    """Every preflight check of a ``genexp train`` config (``genexp.run.validate`` calls this)."""
-    values = interpolations(cfg)
+def check(cfg: DictConfig, values: dict | None = None) -> None:
+    """Every preflight check of a ``genexp train`` config (``genexp.run.validate`` calls this).
+
+    ``values``: the resolved config, if :func:`interpolations` has already made it."""
+    values = interpolations(cfg) if values is None else values
     try:
         integers_in_range(values)
         optimizer_arguments(values)

@@ -59,20 +59,15 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
-# the file system refusing a write (full disk, quota, file size limit, read-only): a one-line error
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS}
-
-
 def validate(cfg: DictConfig) -> None:
     """Checks that are cheaper before anything is built (the constructors check the rest)."""
     from genexp import preflight
     from genexp.build import check_config
 
-    preflight.interpolations(
-        cfg
-    )  # a broken ${...} or a deleted group, with its fix, before any value is read
+    # a broken ${...} or a deleted group, with its fix, before any value is read
+    values = preflight.interpolations(cfg)
     check_config(cfg)  # every _target_ anywhere in the run is registered, before any is imported or built
-    preflight.check(cfg)
+    preflight.check(cfg, values)
     try:
         check_int("seed", cfg.get("seed"), minimum=0)
         check_float("optimizer.lr", cfg.optimizer.get("lr"), positive=True)
@@ -226,19 +221,6 @@ def check_weights_fit(module: torch.nn.Module, state_dict: dict, path: Path) -> 
             "it was written by another genexp version or with other model.* settings: pass the run's own "
             "settings (its run dir), or use the genexp version that wrote it"
         )
-
-
-def write_refusal(err: BaseException) -> OSError | None:
-    """The file system's refusal (full disk, size limit, read-only) behind ``err``, if any: torch's
-    zip writer reports a failed write as a RuntimeError raised while handling the OSError."""
-    seen: BaseException | None = err
-    for _ in range(5):
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno in WRITE_ERRORS:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def check_writable(output_dir: Path) -> None:
@@ -598,7 +580,7 @@ def _train(cfg: DictConfig, output_dir: Path, start: float) -> dict:
             "(or trainer.precision=bf16-mixed, a smaller model); checkpoints already saved are kept"
         ) from None
     except (OSError, RuntimeError) as err:
-        refused = write_refusal(err)
+        refused = atomic.write_refusal(err)
         if refused is None:
             raise
         full = refused.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -140,20 +140,6 @@ def _read_cache(path: Path) -> dict | None:
         return None
 
 
-def _write_cache(blob: dict, path: Path) -> None:
-    """Write the cache; a failure (full disk, read-only or no permission) is a warning: the images are
-    in memory, and the atomic writer leaves no temporary file behind."""
-    try:
-        atomic.save_torch(blob, path)
-    except OSError as err:
-        log.warning(
-            "image cache %s was not written (%s); training goes on from memory and the next run decodes "
-            "again: free space there or point GENEXP_CACHE (paths.cache_dir) at a writable folder",
-            path,
-            err.strerror or type(err).__name__,
-        )
-
-
 def _rank_zero() -> bool:
     """Whether this process reports the data: rank 0 of a distributed run (as its launcher or
     Lightning numbered it), or the only process."""
@@ -333,7 +319,12 @@ class ImageFolder(ImageSource):
                 skipped = {
                     why: self.skipped[why] for why in (UNREADABLE, TOO_LARGE)
                 }  # the file walk is redone
-                _write_cache({"images": images, "labels": labels, "skipped": skipped}, cache)
+                atomic.save_cache(
+                    {"images": images, "labels": labels, "skipped": skipped},
+                    cache,
+                    "image cache",
+                    "training goes on from memory and the next run decodes again",
+                )
         self.num_classes = 0 if labels is None else int(labels.max()) + 1
         self._report(images, labels, cache, blob is not None)
         n = len(images)

@@ -34,7 +34,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
-from genexp.atomic import fsync_dir, temp_path
+from genexp.atomic import fsync_dir, temp_path, write_refusal
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.signals import (
     PREEMPTED_EXIT_CODE,
@@ -125,24 +125,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fsync_dir(path.parent)
         except BaseException as err:  # also KeyboardInterrupt: never a half-written file left
             tmp.unlink(missing_ok=True)
-            refused = _os_error(err)
+            refused = write_refusal(err, None)
             if refused is None:
                 raise
             raise GenexpError(
                 f"cannot write checkpoint {path}: {refused.strerror or refused}; the previous checkpoint is "
                 "kept. Free space there or write elsewhere with paths.log_dir=<folder>"
             ) from None
-
-
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The OSError behind ``err``: torch.save's zip writer reports a failed write (a full disk)
-    as its own RuntimeError, with the OSError as its context."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError):
-            return err
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return None
 
 
 class StepCheckpoint(pl.Callback):

@@ -220,18 +220,8 @@ def _load_classifier(path: Path, key: str) -> tuple[SmallCNN, float] | None:
 
 
 def save_atomic(blob: dict, path: Path) -> None:
-    """Write a cache file (``torch.save`` to a temporary file beside ``path``, then rename: readers
-    never see half a file). A cache is optional: a failed write (full disk, read-only, no permission)
-    is a warning and the caller goes on with what it computed; no temporary file is left."""
-    try:
-        atomic.save_torch(blob, path)
-    except OSError as err:
-        log.warning(
-            "cache %s was not written (%s); going on without it: free space there or point GENEXP_CACHE "
-            "(paths.cache_dir) at a writable folder",
-            path,
-            err.strerror or type(err).__name__,
-        )
+    """An optional cache file, written atomically; a failed write is a warning (genexp.atomic.save_cache)."""
+    atomic.save_cache(blob, path, "cache", "going on without it")
 
 
 def classifier_features(
