@@ -70,8 +70,6 @@ pytorch_lightning.callbacks.ModelCheckpoint
 pytorch_lightning.loggers.CSVLogger
 pytorch_lightning.loggers.TensorBoardLogger
 pytorch_lightning.loggers.WandbLogger
-pytorch_lightning.profilers.AdvancedProfiler
-pytorch_lightning.profilers.PyTorchProfiler
 pytorch_lightning.profilers.SimpleProfiler
 """
 # Hydra instantiates these itself (hydra.launcher, hydra.sweeper) from the composed config
