@@ -16,7 +16,7 @@ from torch import nn
 from genexp.build import as_data, check_config
 from genexp.errors import GenexpError
 from genexp.resume import resolve_checkpoint
-from genexp.run import build_model, read_checkpoint
+from genexp.commands.train import build_model, read_checkpoint
 
 
 class MissingNode(GenexpError):

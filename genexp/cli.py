@@ -65,7 +65,7 @@ def _guard(fn, *args):
 
 @hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
-    from genexp.run import train
+    from genexp.commands.train import train
 
     metrics = _guard(train, cfg)
     # the sweep objective (e.g. for an Optuna sweeper): the family's monitor metric on the test split
@@ -75,7 +75,7 @@ def train_app(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="sample")
 def sample_app(cfg: DictConfig) -> None:
-    from genexp.sample import sample
+    from genexp.commands.sample import sample
 
     result = _guard(sample, cfg)
     print(f"{result.num_samples} samples of {result.description}")
@@ -86,7 +86,7 @@ def sample_app(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="evaluate")
 def evaluate_app(cfg: DictConfig) -> None:
-    from genexp.evaluate import evaluate, format_metrics
+    from genexp.commands.evaluate import evaluate, format_metrics
 
     evaluation, path = _guard(evaluate, cfg)
     print(format_metrics(evaluation["metrics"]))
@@ -97,7 +97,7 @@ def evaluate_app(cfg: DictConfig) -> None:
 def compare_app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from genexp.compare import compare
+    from genexp.commands.compare import compare
     from genexp.resume import override_key
 
     hydra_cfg = HydraConfig.get()
@@ -133,7 +133,7 @@ def report_main(args: list[str]) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from genexp.report import write_report
+    from genexp.commands.report import write_report
 
     html_path, md_path = _guard(write_report, ns.dir, ns.out)
     print(html_path)

@@ -27,13 +27,13 @@ REQUIRED = ("model", "dataset", "data", "optimizer", "trainer", "paths")
 # validation metrics computed from pairs of images of one batch: they need two images per batch
 PAIRWISE_METRICS = ("val/energy", "val/diversity")
 # keys the runner interprets itself before the constructor sees them, and checks there:
-# genexp.run.build_model_and_first_stage loads model.first_stage (a run dir or a stored config);
+# genexp.commands.train.build_model_and_first_stage loads model.first_stage (a run dir or a stored config);
 # genexp.lit.performance picks trainer.precision (auto included) for the hardware
 RUNNER_BUILT = ("model.first_stage", "trainer.precision")
 
 
 def check(cfg: DictConfig, values: dict | None = None) -> None:
-    """Every preflight check of a ``genexp train`` config (``genexp.run.validate`` calls this).
+    """Every preflight check of a ``genexp train`` config (``genexp.commands.train.validate`` calls this).
 
     ``values``: the resolved config, if :func:`interpolations` has already made it."""
     values = interpolations(cfg) if values is None else values

@@ -1,6 +1,6 @@
 """Data-pipeline share of the training step, inside a real ``genexp train`` run (target < 5%).
 
-One family (``--model``, default ``vae``) trains on ``mnist5k`` through ``genexp.run.train`` with
+One family (``--model``, default ``vae``) trains on ``mnist5k`` through ``genexp.commands.train.train`` with
 Lightning's ``SimpleProfiler`` on, once per data path: the default DataLoader (``num_workers=0``),
 worker processes (``--workers``), pinned memory on CUDA, and ``performance.device_data=true`` (the
 whole split held on the device) when the config tree has it. Per step, after ``--warmup`` steps:

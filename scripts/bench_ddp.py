@@ -1,7 +1,7 @@
 """DDP-CPU scaling: the same global batch trained by 1 and by N CPU processes (gloo), img/s.
 
 Each case is a fresh ``python scripts/bench_ddp.py --worker ...`` process that runs the real
-``genexp.run.train`` (``accelerator=cpu``, or ``accelerator=ddp_cpu trainer.devices=N``, whose
+``genexp.commands.train.train`` (``accelerator=cpu``, or ``accelerator=ddp_cpu trainer.devices=N``, whose
 Lightning launcher starts the other ranks by re-running that command) with ``OMP_NUM_THREADS`` set:
 
 - ``1 proc x cores/N threads``: the per-process baseline;

@@ -1,6 +1,6 @@
 """The prepared GPU check: training img/s and MFU of the CIFAR-10 DDPM recipe, per speed setting.
 
-The real ``genexp.run.train`` runs ``experiment=ddpm_cifar10`` (the paper's 35.7M-parameter UNet,
+The real ``genexp.commands.train.train`` runs ``experiment=ddpm_cifar10`` (the paper's 35.7M-parameter UNet,
 batch 128, Adam 2e-4 with warm-up, gradient clipping at 1, EMA 0.9999) on CIFAR-shaped synthetic data
 (``dataset=synthetic``, 3x32x32: CIFAR-10 cannot be downloaded offline, and the speed does not depend
 on the pixels), with no logger, validation, test, checkpoints or sample grids, for ``--warmup`` +
@@ -106,7 +106,7 @@ def count_flops(args) -> dict:
     from benchlib import compose
     from torch.utils.flop_counter import FlopCounterMode
 
-    from genexp.run import build_model
+    from genexp.commands.train import build_model
 
     device = torch.device("cpu" if args.smoke else "cuda")
     cfg = compose([*recipe(args), "paths.output_dir=unused"])

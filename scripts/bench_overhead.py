@@ -3,12 +3,12 @@
 Both sides are built from one composed config (``model``, ``optimizer``, ``dataset``, ``seed``): the
 plain loop instantiates the same model and Adam, holds the same uint8 train split in memory, and per
 step indexes a random batch, converts it with ``.float().div_(255)``, and runs ``model.loss(x, y)``,
-``zero_grad``, ``backward``, ``step``. The genexp side calls ``genexp.run.train(cfg)`` with no logger,
+``zero_grad``, ``backward``, ``step``. The genexp side calls ``genexp.commands.train.train(cfg)`` with no logger,
 no checkpoints, no sample grids, no validation and one test batch.
 
 Both are timed the way ``genexp.lit.callbacks.Throughput`` times training: per epoch, from epoch start
 to the last batch end (validation, checkpoints and epoch-end work excluded). To see each epoch the
-script swaps ``genexp.run.Throughput`` for a subclass that keeps the per-epoch numbers, so the first
+script swaps ``genexp.commands.train.Throughput`` for a subclass that keeps the per-epoch numbers, so the first
 epoch can be left out as warm-up. Runs alternate (plain, genexp, plain, ...) ``--repeats`` times in
 one process. Rows: the median over repeats (the headline ratio; target <= 1.05), the best single
 epoch (robust to other load on the machine, which only ever adds time), and the median including the
@@ -39,7 +39,7 @@ import hydra
 import torch
 from hydra import compose, initialize_config_module
 
-import genexp.run
+import genexp.commands.train
 from genexp.lit.callbacks import Throughput
 
 TARGET = 1.05  # the issue's target for the runner's overhead
@@ -97,15 +97,15 @@ def run_plain(cfg, epochs: int) -> list[tuple[int, float]]:
 
 
 def run_genexp(cfg) -> tuple[list[tuple[int, float]], dict]:
-    """``genexp.run.train(cfg)``; returns its per-epoch ``(images, seconds)`` and metrics."""
+    """``genexp.commands.train.train(cfg)``; returns its per-epoch ``(images, seconds)`` and metrics."""
     seen: list[EpochThroughput] = []
 
     def make() -> EpochThroughput:
         seen.append(EpochThroughput())
         return seen[-1]
 
-    with mock.patch.object(genexp.run, "Throughput", make):
-        metrics = genexp.run.train(cfg)
+    with mock.patch.object(genexp.commands.train, "Throughput", make):
+        metrics = genexp.commands.train.train(cfg)
     return seen[0].epochs, metrics
 
 

@@ -1,7 +1,7 @@
 """Training speed per family: img/s after warm-up and peak memory, one table row per family.
 
 Every family trains with its own ``model=`` defaults on the same data (``mnist5k``, 28x28x1) and
-batch size, through the real ``genexp.run.train`` (no logger, validation, test, checkpoints or sample
+batch size, through the real ``genexp.commands.train.train`` (no logger, validation, test, checkpoints or sample
 grids; the diffusion families keep their EMA): ``--warmup`` untimed optimizer steps, then timed ones
 until at least ``--steps`` steps and ``--seconds`` seconds have passed (at most ``--max-steps``), so a
 fast family is timed over many steps and a slow one over a few (GAN: generator steps, each after its
@@ -69,7 +69,7 @@ def run_overrides(args, family: str, output_dir: Path) -> list[str]:
 
 def train_first_stage(args, output_dir: Path) -> Path:
     """A VAE trained for two steps, with a checkpoint: a stand-in first stage for ``ldm``."""
-    from genexp.run import train
+    from genexp.commands.train import train
 
     overrides = [
         "model=vae",

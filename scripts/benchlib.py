@@ -1,8 +1,8 @@
 """What the ``bench_*.py`` scripts share: composing a run, timing its steps, peak memory, the table.
 
 Every script prints one markdown table row per case, ending in the device and the torch version, and
-writes the same rows to ``--json PATH``. Training cases run the real ``genexp.run.train`` with
-``genexp.run.Throughput`` swapped for :class:`StepTimes`, a subclass that also keeps the time of every
+writes the same rows to ``--json PATH``. Training cases run the real ``genexp.commands.train.train`` with
+``genexp.commands.train.Throughput`` swapped for :class:`StepTimes`, a subclass that also keeps the time of every
 training step, so warm-up steps can be left out and the wait for data measured.
 """
 
@@ -23,7 +23,7 @@ from unittest import mock
 
 import torch
 
-import genexp.run
+import genexp.commands.train
 from genexp.lit.callbacks import Throughput
 
 # a short run: no logger, no validation or test, no checkpoints or sample grids (an EMA stays)
@@ -62,7 +62,7 @@ def quiet() -> None:
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "genexp"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|max_epochs=-1|LeafSpec).*")
-    genexp.run.quiet_third_party()
+    genexp.commands.train.quiet_third_party()
 
 
 def compose(overrides: list[str]):
@@ -235,7 +235,7 @@ def trim_malloc() -> None:
 
 
 def train_timed(cfg, stop: tuple[int, int, float] | None = None) -> tuple[StepTimes, dict]:
-    """``genexp.run.train(cfg)`` with a :class:`StepTimes` (``stop``: its early stop) in place of
+    """``genexp.commands.train.train(cfg)`` with a :class:`StepTimes` (``stop``: its early stop) in place of
     ``Throughput``."""
     seen: list[StepTimes] = []
 
@@ -243,8 +243,8 @@ def train_timed(cfg, stop: tuple[int, int, float] | None = None) -> tuple[StepTi
         seen.append(StepTimes(stop))
         return seen[-1]
 
-    with mock.patch.object(genexp.run, "Throughput", make):
-        metrics = genexp.run.train(cfg)
+    with mock.patch.object(genexp.commands.train, "Throughput", make):
+        metrics = genexp.commands.train.train(cfg)
     return seen[0], metrics
 
 

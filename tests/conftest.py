@@ -98,7 +98,7 @@ def first_stage_run(tmp_path_factory) -> Path:
     """A tiny VAE run on the synthetic data (a few seconds), the first stage of ``ldm`` tests.
 
     Sets ``GENEXP_TEST_FIRST_STAGE`` so ``tiny("ldm")`` finds it."""
-    from genexp.run import train
+    from genexp.commands.train import train
 
     run = tmp_path_factory.mktemp("first_stage") / "run"
     train(compose_cfg([*tiny("vae"), "trainer.max_epochs=2"], run))

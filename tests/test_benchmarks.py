@@ -122,7 +122,7 @@ def test_bench_sampling_cases(bench, tmp_path, capsys):
 
 
 def test_bench_sampling_a_trained_run_with_both_samplers(bench, tiny_cfg, tmp_path, capsys):
-    from genexp.run import train
+    from genexp.commands.train import train
 
     train(tiny_cfg(model="ddpm"))  # schedule.timesteps=20
     out_json = tmp_path / "sampling.json"

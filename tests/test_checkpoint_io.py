@@ -20,7 +20,7 @@ from conftest import compose_cfg, group_options, tiny
 
 from genexp.errors import GenexpError
 from genexp.lit.checkpointing import AtomicCheckpointIO, StepCheckpoint, temp_path
-from genexp.run import instantiate, read_checkpoint, train
+from genexp.commands.train import instantiate, read_checkpoint, train
 
 
 def checkpoint(version: int, size: int = 1000) -> dict:

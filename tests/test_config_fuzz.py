@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from test_cli import genexp
 
 from genexp.errors import GenexpError
-from genexp.run import train
+from genexp.commands.train import train
 
 FAMILIES = ["ae", "vae", "gan", "realnvp", "glow", "ddpm", "pixelcnn", "pixel_transformer"]
 GROUPS = (

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from genexp.data.base import ImageSource
 from genexp.errors import GenexpError
 from genexp.lit.datamodule import DataModule
-from genexp.run import build_model, check_targets, instantiate
+from genexp.commands.train import build_model, check_targets, instantiate
 
 GROUPS = [
     "model",

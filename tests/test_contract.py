@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_MODEL, compose_cfg, group_options
 
 from genexp.models.base import LossOutput
-from genexp.run import build_model
+from genexp.commands.train import build_model
 
 FAMILIES = group_options("model")
 

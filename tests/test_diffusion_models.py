@@ -13,7 +13,7 @@ from PIL import Image
 from genexp.checkpoints import load_model, model_state
 from genexp.diffusion.samplers import DDIMSampler, DDPMSampler
 from genexp.errors import GenexpError
-from genexp.run import build_model, train
+from genexp.commands.train import build_model, train
 
 
 def ckpt(run, name="last.ckpt"):

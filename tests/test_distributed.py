@@ -144,7 +144,7 @@ def test_ddp_run_trains_checkpoints_resumes_and_writes_one_set_of_files(tmp_path
 def full_split_loss(ckpt: Path, split: str) -> float:
     """The family's loss on a whole split, in one process, from a checkpoint."""
     from genexp.data.base import collate_batch
-    from genexp.run import instantiate
+    from genexp.commands.train import instantiate
 
     loaded = load_model(str(ckpt))
     data = getattr(instantiate(loaded.config.dataset, "dataset").load(), split)
@@ -426,7 +426,7 @@ def test_a_ddp_sweep_is_refused_unless_srun_started_the_ranks(env):
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from genexp.run import refuse_ddp_sweep
+    from genexp.commands.train import refuse_ddp_sweep
 
     cfg = compose_hydra(["accelerator=ddp_cpu"])
     with open_dict(cfg):

@@ -16,7 +16,7 @@ from genexp.lit.divergence import DivergenceGuard
 from genexp.models.base import LossOutput
 from genexp.models.gan import GAN
 from genexp.models.vae import VAE
-from genexp.run import instantiate, train
+from genexp.commands.train import instantiate, train
 
 NAN = float("nan")
 
@@ -66,7 +66,7 @@ def weights_per_step(monkeypatch):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             record[trainer.global_step - 1].append(snapshot(trainer, pl_module))
 
-    monkeypatch.setattr("genexp.run.EpochSummary", Recorder)
+    monkeypatch.setattr("genexp.commands.train.EpochSummary", Recorder)
     return record
 
 

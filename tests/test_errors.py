@@ -30,7 +30,7 @@ from test_cli import genexp
 from test_sample_cli import compose_app
 
 from genexp.errors import GenexpError
-from genexp.run import build_model, train
+from genexp.commands.train import build_model, train
 
 TESTS = Path(__file__).resolve().parent
 DOC = TESTS.parent / "docs" / "errors.md"
@@ -258,7 +258,7 @@ CATALOGUE["test_errors.py::test_checkpoint_whose_config_names_os_system"] = CRAF
 
 def test_checkpoint_whose_config_names_os_system(previous, tmp_path):
     """The weights load (weights_only), but the stored config is instantiated through the allow-list."""
-    from genexp.sample import sample
+    from genexp.commands.sample import sample
 
     crafted = _evil_config(previous, tmp_path)
     with pytest.raises(GenexpError) as err:
@@ -272,7 +272,7 @@ CATALOGUE["test_errors.py::test_sample_refuses_a_malicious_checkpoint"] = MALICI
 
 
 def test_sample_refuses_a_malicious_checkpoint(tmp_path):
-    from genexp.sample import sample
+    from genexp.commands.sample import sample
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "genexp": _Evil(tmp_path / "pwned")}, evil)
@@ -322,7 +322,7 @@ def test_allow_list_checks_what_a_target_resolves_to(tmp_path):
     with pytest.raises(GenexpError) as err:
         train(compose_cfg([*tiny("vae"), *evil], tmp_path / "run"))
     one_line(err, BYPASS)
-    loader = ["++callbacks.evil._target_=genexp.run.torch.load", f"++callbacks.evil._args_=['{marker}']"]
+    loader = ["++callbacks.evil._target_=genexp.commands.train.torch.load", f"++callbacks.evil._args_=['{marker}']"]
     with pytest.raises(GenexpError, match=r"genexp\.run\.torch\.load: not a configurable target"):
         train(compose_cfg([*tiny("vae"), *loader], tmp_path / "run"))
     assert not marker.exists() and not list(tmp_path.rglob("*.ckpt"))

@@ -25,7 +25,7 @@ from conftest import compose_cfg, group_options, tiny
 from genexp.data.order import EpochSampler, epoch_permutation
 from genexp.lit.checkpointing import PREEMPTED_EXIT_CODE, Preempted
 from genexp.lit.rng_state import RNGState, capture, restore
-from genexp.run import train
+from genexp.commands.train import train
 
 FAMILIES = group_options("model")
 SIGNALS = ["SIGKILL", "SIGTERM", "SIGINT", "SIGUSR1"]

@@ -13,7 +13,7 @@ from genexp.errors import GenexpError
 from genexp.models.base import LossOutput
 from genexp.models.glow import Glow
 from genexp.models.realnvp import RealNVP
-from genexp.run import instantiate, train
+from genexp.commands.train import instantiate, train
 
 FLOWS = ["realnvp", "glow"]
 

@@ -16,7 +16,7 @@ from genexp.metrics.diversity import diversity_ratio, energy_distance, mean_pair
 from genexp.models import gan_losses as L
 from genexp.models.gan import GAN
 from genexp.nets.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_plan
-from genexp.run import train
+from genexp.commands.train import train
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -254,7 +254,7 @@ def test_optimizer_arguments_per_network(tiny_cfg):
     from conftest import compose_cfg, tiny
 
     from genexp.lit.gan_module import GANModule
-    from genexp.run import instantiate
+    from genexp.commands.train import instantiate
 
     cfg = compose_cfg([*tiny("gan"), "optimizer.lr=3e-4", "model.d_optimizer.lr=4e-4"])
     model = instantiate(cfg.model, "model")

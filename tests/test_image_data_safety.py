@@ -204,7 +204,7 @@ def test_max_pixels_must_be_a_positive_integer(value, tmp_path):
 def test_max_pixels_zero_is_one_line_before_training(tmp_path):
     from conftest import compose_cfg, tiny
 
-    from genexp.run import train
+    from genexp.commands.train import train
 
     no_data = [o for o in tiny("vae") if not o.startswith("dataset")]
     overrides = [*no_data, "dataset=image_folder", f"dataset.root={tmp_path}", "dataset.max_pixels=0"]
@@ -253,7 +253,7 @@ CACHE_IS_A_FILE = "is a file, not a folder; set GENEXP_CACHE=<folder> or paths.c
 def test_genexp_cache_that_is_a_file_names_paths_cache_dir_before_training(where, tmp_path, monkeypatch):
     from conftest import compose_cfg, tiny
 
-    from genexp.run import train
+    from genexp.commands.train import train
 
     root = tmp_path / "imgs"
     for i in range(3):

@@ -25,7 +25,7 @@ from genexp.lit.device_data import DeviceLoader
 from genexp.lit.gan_module import GANModule
 from genexp.lit.module import GenerativeModule
 from genexp.lit.performance import Performance, clips_under_amp, impl_kwargs, networks
-from genexp.run import build_model, instantiate, train
+from genexp.commands.train import build_model, instantiate, train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,7 +1,7 @@
 """A config constructs only registered targets, on every route a config takes (issue: security).
 
-Each payload is real: it names ``genexp.compare.run_logged`` (which starts ``cmd`` as a process) or
-``genexp.run.write_json`` (which writes a file), both defined in genexp, so the old prefix
+Each payload is real: it names ``genexp.commands.compare.run_logged`` (which starts ``cmd`` as a process) or
+``genexp.commands.train.write_json`` (which writes a file), both defined in genexp, so the old prefix
 allow-list let them through. Each test asserts the marker file the payload would create does not
 exist and that the error is one line.
 """
@@ -21,19 +21,19 @@ from test_sample_cli import compose_app
 
 from genexp import build
 from genexp.errors import GenexpError
-from genexp.run import build_model, train
+from genexp.commands.train import build_model, train
 
 REFUSED = "not a configurable target; configs construct only the classes genexp registers"
 
 
 def run_command(marker: Path) -> dict:
     """A config node that, if constructed, starts ``touch marker`` as a process."""
-    return {"_target_": "genexp.compare.run_logged", "cmd": ["sh", "-c", f"touch {marker}"], "label": "x"}
+    return {"_target_": "genexp.commands.compare.run_logged", "cmd": ["sh", "-c", f"touch {marker}"], "label": "x"}
 
 
 def write_file(marker: Path) -> dict:
     """A config node that, if constructed, writes ``marker``."""
-    return {"_target_": "genexp.run.write_json", "path": str(marker), "payload": {"pwned": True}}
+    return {"_target_": "genexp.commands.train.write_json", "path": str(marker), "payload": {"pwned": True}}
 
 
 def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
@@ -77,8 +77,8 @@ def test_every_target_the_config_tree_names_is_registered_and_nothing_else_of_ge
 @pytest.mark.parametrize(
     "target",
     [
-        "genexp.compare.run_logged",  # starts a process
-        "genexp.run.write_json",  # writes a file
+        "genexp.commands.compare.run_logged",  # starts a process
+        "genexp.commands.train.write_json",  # writes a file
         "genexp.cli.os.system",  # reaches os.system through a module attribute
         "genexp.models.vae.torch.load",
         "torch.optim.Optimizer.__init__",
@@ -112,13 +112,13 @@ def test_a_python_plugin_registers_its_own_class(monkeypatch):
 def test_command_line_callback_that_starts_a_process_is_refused_before_any_build(tmp_path):
     marker = tmp_path / "pwned"
     evil = [
-        "++callbacks.evil._target_=genexp.compare.run_logged",
+        "++callbacks.evil._target_=genexp.commands.compare.run_logged",
         f"++callbacks.evil.cmd=[sh,-c,'touch {marker}']",
         "++callbacks.evil.label=x",
     ]
     with pytest.raises(GenexpError) as err:
         train(compose_cfg([*tiny("vae"), *evil], tmp_path / "run"))
-    one_line(err, "callbacks.evil._target_=genexp.compare.run_logged: " + REFUSED)
+    one_line(err, "callbacks.evil._target_=genexp.commands.compare.run_logged: " + REFUSED)
     assert not marker.exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -126,7 +126,7 @@ def test_command_line_callback_that_starts_a_process_is_refused_before_any_build
 @pytest.mark.parametrize("payload", [run_command, write_file], ids=["process", "file"])
 def test_checkpoint_config_cannot_run_code_through_sample(first_stage_run, tmp_path, where, payload):
     """``genexp sample ckpt=`` of a weights-only checkpoint whose stored config names a payload."""
-    from genexp.sample import sample
+    from genexp.commands.sample import sample
 
     marker = tmp_path / "pwned"
 
@@ -146,13 +146,13 @@ def test_checkpoint_config_cannot_run_code_through_sample(first_stage_run, tmp_p
 
 def test_checkpoint_config_cannot_run_code_through_evaluate(first_stage_run, tmp_path):
     """``genexp evaluate`` builds the stored dataset too: a payload there is refused first."""
-    from genexp.evaluate import evaluate
+    from genexp.commands.evaluate import evaluate
 
     marker = tmp_path / "pwned"
     path = crafted(first_stage_run, tmp_path, lambda c: c.update(dataset=write_file(marker)))
     with pytest.raises(GenexpError) as err:
         evaluate(compose_app("evaluate", [f"ckpt={path}", "metrics=[recon]", f"out={tmp_path / 'e.json'}"]))
-    one_line(err, "dataset._target_=genexp.run.write_json: " + REFUSED)
+    one_line(err, "dataset._target_=genexp.commands.train.write_json: " + REFUSED)
     assert not marker.exists()
 
 
@@ -162,14 +162,14 @@ def test_checkpoint_config_cannot_run_code_as_a_first_stage(first_stage_run, tmp
     path = crafted(first_stage_run, tmp_path, lambda c: c.update(model=run_command(marker)))
     with pytest.raises(GenexpError) as err:
         build_model(compose_cfg(["model=ldm", "dataset=synthetic", f"model.first_stage={path}"], tmp_path))
-    one_line(err, f"model.first_stage={path}: ", "model._target_=genexp.compare.run_logged: " + REFUSED)
+    one_line(err, f"model.first_stage={path}: ", "model._target_=genexp.commands.compare.run_logged: " + REFUSED)
     assert not marker.exists()
 
 
 def test_stored_interpolations_are_data_not_resolved(first_stage_run, tmp_path, monkeypatch):
     """A stored ``${oc.env:SECRET}`` stays that text: the environment never reaches the outputs."""
     from genexp.checkpoints import load_model
-    from genexp.sample import sample
+    from genexp.commands.sample import sample
 
     monkeypatch.setenv("GENEXP_TEST_SECRET", "hunter2")
     text = "${oc.env:GENEXP_TEST_SECRET}"
@@ -196,7 +196,7 @@ def test_replayed_overrides_cannot_run_a_command_or_read_the_environment(first_s
     to them is refused before anything is built, and so is a resolver."""
     marker = tmp_path / "pwned"
     evil = [
-        "++callbacks.evil._target_=genexp.compare.run_logged",
+        "++callbacks.evil._target_=genexp.commands.compare.run_logged",
         f"++callbacks.evil.cmd=[sh,-c,'touch {marker}']",
         "++callbacks.evil.label=x",
     ]
@@ -205,7 +205,7 @@ def test_replayed_overrides_cannot_run_a_command_or_read_the_environment(first_s
     assert out.returncode == 2, out.stderr
     assert out.stderr.count(
         "\n"
-    ) == 1 and "callbacks.evil._target_=genexp.compare.run_logged: " + REFUSED in (out.stderr), out.stderr
+    ) == 1 and "callbacks.evil._target_=genexp.commands.compare.run_logged: " + REFUSED in (out.stderr), out.stderr
     assert not marker.exists()
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["paths.data_dir=${oc.env:HOME}"]))
     out = genexp("train", f"ckpt_path={run}", cwd=tmp_path)
@@ -219,14 +219,14 @@ def test_replayed_overrides_cannot_run_a_command_or_read_the_environment(first_s
     [
         pytest.param(  # the route of tests/test_errors.py's searchpath case (subprocess.run): make test-all
             "model/evil.yaml",
-            "# @package _global_\nmodel:\n  _target_: genexp.compare.run_logged\n  cmd: [sh, -c, 'touch {marker}']\n"
+            "# @package _global_\nmodel:\n  _target_: genexp.commands.compare.run_logged\n  cmd: [sh, -c, 'touch {marker}']\n"
             "  label: x\nmonitor:\n  metric: val/loss\n  mode: min\n",
             marks=pytest.mark.slow,
         ),
         (
             "model/evil.yaml",  # Hydra builds hydra.callbacks itself, before any genexp code runs
             "# @package _global_\ndefaults:\n  - vae\n  - _self_\nhydra:\n  callbacks:\n    evil:\n"
-            "      _target_: genexp.compare.run_logged\n      cmd: [sh, -c, 'touch {marker}']\n      label: x\n",
+            "      _target_: genexp.commands.compare.run_logged\n      cmd: [sh, -c, 'touch {marker}']\n      label: x\n",
         ),
     ],
     ids=["model-group", "hydra-callbacks"],
@@ -237,6 +237,6 @@ def test_user_config_group_cannot_run_a_command(tmp_path, group, text):
     (tmp_path / "mine" / group).write_text(text.format(marker=marker))
     out = genexp("train", f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "model=evil", *TINY, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
-    assert "_target_=genexp.compare.run_logged: " + REFUSED in out.stderr, out.stderr
+    assert "_target_=genexp.commands.compare.run_logged: " + REFUSED in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
     assert not marker.exists()

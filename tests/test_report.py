@@ -17,7 +17,7 @@ from conftest import TINY
 from test_sample_cli import genexp
 
 from genexp.errors import GenexpError
-from genexp.report import TALK_RATINGS, read_run, summarize, summary_cells, write_report
+from genexp.commands.report import TALK_RATINGS, read_run, summarize, summary_cells, write_report
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored; CI keeps the screenshot
 # conftest's tiny run, less what compare sets itself (dataset, accelerator, logger, epochs)

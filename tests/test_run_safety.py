@@ -19,7 +19,7 @@ from conftest import compose_cfg, tiny
 
 from genexp.errors import GenexpError
 from genexp.resume import resolve_checkpoint
-from genexp.run import read_checkpoint, train
+from genexp.commands.train import read_checkpoint, train
 from genexp.runlock import LOCK_NAME, run_lock
 
 
@@ -250,7 +250,7 @@ def test_an_ldm_checkpoint_needs_no_first_stage_run(first_stage_run, tmp_path):
 
 
 def test_a_first_stage_trained_on_other_images_is_refused(first_stage_run, tmp_path):
-    from genexp.run import build_model
+    from genexp.commands.train import build_model
 
     cfg = compose_cfg(
         ["model=ldm", "dataset=synthetic", "dataset.image_size=8", f"model.first_stage={first_stage_run}"]

@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import TINY, TINY_MODEL, compose_cfg
 
-from genexp.compare import needs_first_stage
-from genexp.run import train
+from genexp.commands.compare import needs_first_stage
+from genexp.commands.train import train
 
 # a few seconds on a busy 2-core machine; the old behaviour ran on for the whole phase (60 s pauses)
 PROMPT_S = 12.0

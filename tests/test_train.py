@@ -14,7 +14,7 @@ import torch
 from conftest import group_options
 
 from genexp.errors import GenexpError
-from genexp.run import train
+from genexp.commands.train import train
 
 
 def read_json(path):

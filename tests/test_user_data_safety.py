@@ -27,14 +27,14 @@ from test_sample_cli import compose_app, genexp
 
 from genexp import atomic
 from genexp.errors import GenexpError
-from genexp.evaluate import evaluate
+from genexp.commands.evaluate import evaluate
 from genexp.models.autoregressive import LogisticMixture, to_levels
 from genexp.models.gan import truncated_normal
 from genexp.models.pixel_transformer import SOS, PixelTransformer
 from genexp.models.pixelcnn import PixelCNN
-from genexp.report import MANIFEST, write_report
-from genexp.run import train
-from genexp.sample import sample
+from genexp.commands.report import MANIFEST, write_report
+from genexp.commands.train import train
+from genexp.commands.sample import sample
 
 FAMILIES = ("gan", "pixelcnn", "pixel_transformer")
 ROOT = os.geteuid() == 0  # root writes through chmod 0500
@@ -516,7 +516,7 @@ def test_evaluate_write_failure_and_a_corrupt_metrics_json(runs, tmp_path, monke
     def full(path, payload):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("genexp.evaluate.write_json", full)
+    monkeypatch.setattr("genexp.commands.evaluate.write_json", full)
     with pytest.raises(GenexpError) as err:
         evaluate(compose_app("evaluate", [f"ckpt={run}", *fast, f"out={tmp_path / 'e.json'}"]))
     assert one_line(err) == (

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from genexp import atomic
 from genexp.errors import GenexpError, check_choice
 from genexp.lit.fid_callback import SPLITS, feature_extractor, sample_uint8
-from genexp.sample import (
+from genexp.commands.sample import (
     _user,
     check_count,
     check_seed,
@@ -172,7 +172,7 @@ def log_to_run_logger(
     """Send the numeric results to the logger the run trained with (wandb: the same run, resumed;
     csv: appended to its metrics.csv; tensorboard: its log dir), at the checkpoint's step."""
     from genexp.lit.loggers import finish_wandb
-    from genexp.run import build_logger
+    from genexp.commands.train import build_logger
 
     if not config.get("logger"):
         return None
@@ -250,7 +250,7 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
     """Evaluate ``ckpt`` (a run dir, .ckpt or ``latest``); write and return the evaluation dict:
     ``{"metrics": {"eval/<name>": ...}, "provenance": {...}, "settings": {...}}``."""
     from genexp.metrics.diversity import diversity_ratio
-    from genexp.run import instantiate
+    from genexp.commands.train import instantiate
 
     settings.check()
     start = time.perf_counter()

@@ -369,7 +369,7 @@ def has_sampler(job: Job) -> bool:
 
 def evaluate_jobs(cfg: DictConfig, jobs: list[Job]) -> list[str]:
     """Evaluate every finished run whose evaluation is missing or stale; return the names evaluated."""
-    from genexp.evaluate import evaluate_checkpoint, settings_from_config, write_json
+    from genexp.commands.evaluate import evaluate_checkpoint, settings_from_config, write_json
 
     chosen = settings_from_config(cfg)
     done = []
@@ -399,7 +399,7 @@ def compare(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResu
             ``accelerator=cpu``, ``dataset.x=...``); the CLI passes the user's choices of those
             groups and the ``dataset.*`` overrides.
     """
-    from genexp.report import write_report
+    from genexp.commands.report import write_report
 
     families, seeds = check_config(cfg)
     group_args = list(group_args or ["dataset=mnist5k", "accelerator=auto"])
