@@ -18,7 +18,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from genexp.errors import ConfigError, GenexpError
 
@@ -143,11 +143,18 @@ def check_config(cfg: DictConfig) -> None:
             checked(node, str(key))
 
 
+FAMILY = "family"  # configs/model/<name>.yaml: the family's metadata node (label, ratings, sample options)
+
+
 def instantiate(node: Any, key: str, **kwargs) -> Any:
     """``hydra.utils.instantiate`` of registered targets only, whose errors name the config key."""
     import hydra
 
     checked(node, key)
+    if key == "model" and isinstance(node, DictConfig) and FAMILY in node:
+        node = node.copy()  # the metadata node is read by genexp.families, never a constructor argument
+        with open_dict(node):
+            del node[FAMILY]
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except hydra.errors.InstantiationException as err:
