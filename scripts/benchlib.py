@@ -24,6 +24,7 @@ from unittest import mock
 import torch
 
 import genexp.commands.train
+from genexp import families
 from genexp.lit.callbacks import Throughput
 
 # a short run: no logger, no validation or test, no checkpoints or sample grids (an EMA stays)
@@ -37,24 +38,10 @@ QUIET_RUN = [
     "~callbacks.sample_grid",
 ]
 
-# --tiny (smoke runs): the test suite's tiny networks (tests/conftest.py TINY_MODEL) on tiny synthetic data
+# --tiny (smoke runs): each family's tiny networks (configs/model/<name>.yaml model.family.tiny, as
+# the test suite's) on tiny synthetic data
 TINY_DATA = ["dataset=synthetic", "dataset.num_images=200"]
-TINY_MODEL: dict[str, list[str]] = {
-    "ae": ["model.base_channels=8", "model.latent_dim=4"],
-    "vae": ["model.base_channels=8", "model.latent_dim=4"],
-    "gan": ["model.g_base_channels=8", "model.d_base_channels=8", "model.z_dim=8"],
-    "realnvp": ["model.n_scales=2", "model.n_blocks=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
-    "glow": ["model.n_scales=2", "model.n_steps=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
-    "ddpm": ["model.net.base_channels=8", "model.net.num_groups=4", "schedule.timesteps=20"],
-    "ldm": [
-        "model.net.hidden_dim=16",
-        "model.net.n_blocks=1",
-        "model.net.time_dim=8",
-        "schedule.timesteps=20",
-    ],
-    "pixelcnn": ["model.hidden_channels=8", "model.n_layers=2"],
-    "pixel_transformer": ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"],
-}
+TINY_MODEL: dict[str, list[str]] = {name: list(families.get(name).tiny) for name in families.names()}
 
 
 def quiet() -> None:

@@ -9,6 +9,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
+from genexp import families
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -30,30 +32,13 @@ TINY = [
     "callbacks.sample_grid.latent_points=32",
 ]
 
-# per-family overrides that make the network tiny; a family missing here runs at its config's size
+# per-family overrides that make the network tiny: each family's model.family.tiny (configs/model/);
+# a family that trains on a first stage gets the session's tiny VAE run (the first_stage_run fixture
+# sets the variable)
+FIRST_STAGE = "model.first_stage=${oc.env:GENEXP_TEST_FIRST_STAGE}"
 TINY_MODEL: dict[str, list[str]] = {
-    "ae": ["model.base_channels=8", "model.latent_dim=4"],
-    "vae": ["model.base_channels=8", "model.latent_dim=4"],
-    "gan": ["model.g_base_channels=8", "model.d_base_channels=8", "model.z_dim=8"],
-    "realnvp": ["model.n_scales=2", "model.n_blocks=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
-    "glow": ["model.n_scales=2", "model.n_steps=2", "model.hidden_channels=8", "model.n_res_blocks=1"],
-    "ddpm": [
-        "model.net.base_channels=8",
-        "model.net.num_groups=4",
-        "schedule.timesteps=20",
-        "model.bpd_timesteps=4",
-        "model.bpd_images=8",
-    ],
-    "pixelcnn": ["model.hidden_channels=8", "model.n_layers=2"],
-    "pixel_transformer": ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"],
-    # model.first_stage: the session's tiny VAE run (the first_stage_run fixture sets the variable)
-    "ldm": [
-        "model.first_stage=${oc.env:GENEXP_TEST_FIRST_STAGE}",
-        "model.net.hidden_dim=16",
-        "model.net.n_blocks=1",
-        "model.net.time_dim=8",
-        "schedule.timesteps=20",
-    ],
+    name: [*([FIRST_STAGE] if families.get(name).needs_first_stage else []), *families.get(name).tiny]
+    for name in families.names()
 }
 
 

@@ -1,0 +1,165 @@
+"""What genexp knows of each family besides its constructor: the ``family:`` node of its config.
+
+Every ``configs/model/<name>.yaml`` carries, under ``model.family``, the facts the commands need
+about the family without building it: its label, the talk's ratings, which ``genexp sample``
+options apply and whether it trains on a first stage's latents, plus the overrides that shrink it
+for tests and benchmarks. Keeping them in the family's own file means a new family is one model
+file and one YAML: no command holds a list of family names.
+
+Reads the YAML files of the installed config package (``genexp.configs``) as plain data; imports
+neither Hydra nor Lightning, so any command may ask it cheaply. ``build.instantiate`` drops the node
+before the model's constructor sees it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from genexp.errors import GenexpError
+
+ASPECTS = ("likelihood", "stability", "fidelity", "speed")  # the talk's Summary table, in its order
+RATINGS = ("○", "△", "×")  # good, fair, poor (the talk's marks)
+NOT_RATED = "—"  # a family the talk does not rate
+SAMPLE_OPTIONS = ("temperature", "truncation", "sampler")  # genexp sample's family-specific keys
+FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "tiny")
+NODE = "family"  # under the model node: model.family
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's metadata; ``ratings`` maps every aspect of :data:`ASPECTS` to a mark."""
+
+    name: str  # the model option: configs/model/<name>.yaml
+    label: str
+    ratings: dict[str, str]
+    sample_options: tuple[str, ...]
+    needs_first_stage: bool
+    tiny: tuple[str, ...]
+    target: str = ""  # the model node's _target_: how a stored config finds its family
+
+    @property
+    def rated(self) -> bool:
+        return any(mark != NOT_RATED for mark in self.ratings.values())
+
+
+def _model_dir():
+    return resources.files("genexp.configs") / "model"
+
+
+def names() -> list[str]:
+    """The model options (``configs/model/*.yaml``), sorted."""
+    return sorted(p.name.removesuffix(".yaml") for p in _model_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def get(name: str) -> Family:
+    """The family of the model option ``name``; one line if there is no such option."""
+    known = _all()
+    if name not in known:
+        raise GenexpError(f"model={name}: not a model option; pick one of {', '.join(sorted(known))}")
+    return known[name]
+
+
+def of_model_config(model_node: Mapping) -> Family | None:
+    """The family of a composed or stored model node, by its ``_target_`` (a checkpoint written
+    before the ``family:`` node existed has none); else the node's own ``family:`` (a family from a
+    user's config group), or None."""
+    if isinstance(model_node, DictConfig):
+        model_node = OmegaConf.to_container(model_node, resolve=False)
+    if not isinstance(model_node, Mapping):
+        return None
+    target = str(model_node.get("_target_", ""))
+    for family in _all().values():
+        if family.target == target:
+            return family
+    node = model_node.get(NODE)
+    if target and isinstance(node, Mapping):
+        name = target.rsplit(".", 1)[-1].lower()
+        return parse(name, node, where=f"the stored config of {target}", target=target)
+    return None
+
+
+@functools.cache
+def _all() -> dict[str, Family]:
+    return {name: _read(name) for name in names()}
+
+
+def _read(name: str) -> Family:
+    where = f"configs/model/{name}.yaml"
+    try:
+        data = yaml.safe_load((_model_dir() / f"{name}.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise GenexpError(f"{where}: cannot be read ({type(err).__name__}); restore it") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get(NODE), dict):
+        raise GenexpError(
+            f"{where}: no model.{NODE} node; add one with {', '.join(FIELDS)} (see configs/model/vae.yaml)"
+        )
+    return parse(name, model[NODE], where=where, target=str(model.get("_target_", "")))
+
+
+def parse(name: str, node: Mapping, where: str, target: str = "") -> Family:
+    """A ``family:`` node as a :class:`Family`, checked: it is data only, so a misspelt field or
+    mark is refused in one line naming the file and key rather than ignored."""
+    key = f"model.{NODE}"
+    node = dict(node)
+    unknown = [k for k in node if k not in FIELDS]
+    if unknown:
+        raise GenexpError(
+            f"{where}: {key}.{unknown[0]}: not a family field; the fields are {', '.join(FIELDS)}"
+        )
+    label = node.get("label")
+    if not isinstance(label, str) or not label.strip():
+        raise GenexpError(f"{where}: {key}.label={label!r}: must be the family's name in words")
+    return Family(
+        name=name,
+        label=label,
+        ratings=_ratings(node.get("ratings") or {}, where, f"{key}.ratings"),
+        sample_options=_strings(
+            node.get("sample_options") or [], where, f"{key}.sample_options", SAMPLE_OPTIONS
+        ),
+        needs_first_stage=_flag(node.get("needs_first_stage", False), where, f"{key}.needs_first_stage"),
+        tiny=_overrides(node.get("tiny") or [], where, f"{key}.tiny"),
+        target=target,
+    )
+
+
+def _ratings(value: Any, where: str, key: str) -> dict[str, str]:
+    """Every aspect's mark; an aspect the node leaves out is not rated."""
+    if not isinstance(value, Mapping):
+        raise GenexpError(f"{where}: {key}={value!r}: must map {', '.join(ASPECTS)} to a mark")
+    for aspect, mark in value.items():
+        if aspect not in ASPECTS:
+            raise GenexpError(f"{where}: {key}.{aspect}: not an aspect; the aspects are {', '.join(ASPECTS)}")
+        if mark not in (*RATINGS, NOT_RATED):
+            raise GenexpError(
+                f"{where}: {key}.{aspect}={mark!r}: not one of {', '.join((*RATINGS, NOT_RATED))}"
+            )
+    return {aspect: str(value.get(aspect, NOT_RATED)) for aspect in ASPECTS}
+
+
+def _strings(value: Any, where: str, key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise GenexpError(f"{where}: {key}={value!r}: must be a list (of {', '.join(allowed)})")
+    for item in value:
+        if item not in allowed:
+            raise GenexpError(f"{where}: {key}: {item!r} is not one of {', '.join(allowed)}")
+    return tuple(value)
+
+
+def _flag(value: Any, where: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise GenexpError(f"{where}: {key}={value!r}: must be true or false")
+    return value
+
+
+def _overrides(value: Any, where: str, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(o, str) and "=" in o for o in value):
+        raise GenexpError(f"{where}: {key}={value!r}: must be a list of key=value overrides")
+    return tuple(value)
