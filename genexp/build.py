@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from genexp import checkpoints
 from genexp.errors import ConfigError, GenexpError
 
 # what configs/ names (tests/test_registry.py checks that both lists agree), one line per class
@@ -222,3 +223,55 @@ def _hydra_key(config: Any) -> str:
 def registered(names: Iterable[str]) -> list[str]:
     """The names of ``names`` that are not registered (for tests and ``--help``)."""
     return [n for n in names if n not in REGISTRY]
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers (what checkpoints and loggers store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def build_model(cfg: DictConfig) -> Any:
+    """Instantiate ``cfg.model`` (see :func:`build_model_and_first_stage`)."""
+    return build_model_and_first_stage(cfg)[0]
+
+
+def build_model_and_first_stage(cfg: DictConfig) -> tuple[Any, dict | None]:
+    """Instantiate ``cfg.model``, and return with it what rebuilds its first stage, if it has one.
+
+    Latent diffusion's ``model.first_stage`` is either a trained AE/VAE's run dir or .ckpt (training:
+    loaded with its weights through :func:`genexp.checkpoints.load_first_stage`) or, in a checkpoint
+    of such a run, ``{source, config}``: the first stage's own stored config, rebuilt here without
+    weights (the latent model's state dict holds them), so that checkpoint needs nothing else."""
+    kwargs, record = {}, None
+    first_stage = cfg.model.get("first_stage")
+    if isinstance(first_stage, str):
+        loaded = checkpoints.load_first_stage(first_stage)
+        kwargs["first_stage"] = loaded.model
+        record = {"source": str(loaded.path), "config": plain_config(loaded.config)}
+        checkpoints.check_first_stage_fits(cfg, loaded.config, first_stage)
+    elif isinstance(first_stage, DictConfig) and "config" in first_stage:
+        kwargs["first_stage"] = first_stage_from_config(first_stage.config)
+    elif first_stage is None and "first_stage" in cfg.model:
+        raise GenexpError(
+            "model.first_stage=null: latent diffusion needs a trained AE/VAE; pass "
+            "model.first_stage=<run dir or .ckpt> (or use experiment=ldm_two_stage to train both)"
+        )
+    try:
+        return instantiate(cfg.model, "model", **kwargs), record
+    except GenexpError as err:
+        # a nested part (net, schedule) reports only its own argument: rebuild the parts one by one
+        # so the error names the full key (model.net.num_groups, not model.num_groups)
+        for name, child in cfg.model.items():
+            if isinstance(child, DictConfig) and "_target_" in child and not child.get("_partial_"):
+                instantiate(child, f"model.{name}")
+        raise err from None
+
+
+def first_stage_from_config(stored: DictConfig) -> Any:
+    """A first stage rebuilt from the config a latent-diffusion checkpoint stored (weights: none yet;
+    the latent model's state dict fills them)."""
+    if not isinstance(stored, DictConfig) or "model" not in stored:
+        raise GenexpError("model.first_stage.config: the checkpoint's first stage config has no model")
+    model = build_model(stored)
+    checkpoints.check_first_stage_family(model, "<stored config>")
+    return model.eval().requires_grad_(False)

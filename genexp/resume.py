@@ -11,20 +11,27 @@ import re
 from pathlib import Path
 
 from genexp.errors import GenexpError
+from genexp.layout import CHECKPOINTS, LAST_CKPT, overrides_yaml
+from genexp.rundir import SEARCH_ROOTS, is_restart, newest_run, run_dir_of
 
-SEARCH_ROOTS = ("outputs", "multirun")
 _SAFE = re.compile(r"^[A-Za-z0-9_./:\-]+$")
 
 
-def resolve_checkpoint(value: str, roots: tuple[str, ...] = SEARCH_ROOTS) -> Path:
-    """``latest`` | a run dir | a checkpoints dir | a .ckpt file -> an existing checkpoint file."""
+def resolve_checkpoint(
+    value: str, roots: tuple[str, ...] = SEARCH_ROOTS, names: tuple[str, ...] = (LAST_CKPT,)
+) -> Path:
+    """``latest`` | a run dir | a checkpoints dir | a .ckpt file -> an existing checkpoint file.
+
+    In a folder, the first of ``names`` found there: resuming continues from ``last.ckpt`` (the
+    newest training state); :func:`genexp.checkpoints.weights_of` asks for the run's weights."""
     if value == "latest":
-        return latest_checkpoint(roots)
+        return latest_checkpoint(roots, names)
     path = Path(value).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return candidate.resolve()
+        for folder in (path / CHECKPOINTS, path):
+            for name in names:
+                if (folder / name).is_file():
+                    return (folder / name).resolve()
         raise GenexpError(
             f"ckpt_path={value}: no checkpoints/last.ckpt in that folder; pass a run dir or a .ckpt file"
         )
@@ -33,37 +40,24 @@ def resolve_checkpoint(value: str, roots: tuple[str, ...] = SEARCH_ROOTS) -> Pat
     return path.resolve()
 
 
-def run_dirs(roots: tuple[str, ...] = SEARCH_ROOTS) -> list[Path]:
-    """Every training run dir under ``roots``: a folder whose ``.hydra/config.yaml`` Hydra wrote."""
-    return [p.parent.parent for root in roots for p in Path(root).glob("**/.hydra/config.yaml")]
-
-
-def latest_checkpoint(roots: tuple[str, ...] = SEARCH_ROOTS) -> Path:
-    """``ckpt_path=latest``: the newest run dir (the one started or resumed last), and its
-    ``last.ckpt``. A newest run that has none (killed before its first checkpoint) is an error that
-    says so: silently taking an older run's checkpoint would resume the wrong run."""
-    runs = [r for r in run_dirs(roots) if (r / ".hydra" / "overrides.yaml").is_file()]
-    if not runs:
+def latest_checkpoint(roots: tuple[str, ...] = SEARCH_ROOTS, names: tuple[str, ...] = (LAST_CKPT,)) -> Path:
+    """``ckpt_path=latest``: the newest run dir (the one started or resumed last), and the first of
+    ``names`` in its ``checkpoints/``. A newest run that has none (killed before its first
+    checkpoint) is an error that says so: silently taking an older run's checkpoint would resume
+    the wrong run."""
+    newest = newest_run(roots)
+    if newest is None:
         raise GenexpError(
             f"ckpt_path=latest: no checkpoints/last.ckpt under {' or '.join(r + '/' for r in roots)} "
             f"in {Path.cwd()} (no runs there yet); pass a run dir or a .ckpt file"
         )
-    newest = max(runs, key=lambda r: (r / ".hydra" / "config.yaml").stat().st_mtime)
-    last = newest / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    found = [newest / CHECKPOINTS / name for name in names if (newest / CHECKPOINTS / name).is_file()]
+    if not found:
         raise GenexpError(
             f"ckpt_path=latest: the newest run, {newest}, has no checkpoints/last.ckpt (it stopped before its "
             "first checkpoint); start it again, or pass an older run's dir as ckpt_path=<run dir>"
         )
-    return last.resolve()
-
-
-def run_dir_of(ckpt: Path) -> Path | None:
-    """The run directory that holds ``ckpt`` (``<run>/checkpoints/x.ckpt``), if it is one."""
-    parent = ckpt.parent
-    if parent.name == "checkpoints" and (parent.parent / ".hydra" / "overrides.yaml").is_file():
-        return parent.parent
-    return None
+    return found[0].resolve()
 
 
 def override_key(override: str) -> str:
@@ -93,7 +87,7 @@ def resume_argv(args: list[str]) -> list[str]:
     rest = [a for a in args if override_key(a) != "ckpt_path"]
     out = [f"ckpt_path={quote(str(ckpt))}"]
     run_dir = run_dir_of(ckpt)
-    if run_dir is None:
+    if run_dir is None or not overrides_yaml(run_dir).is_file():  # a checkpoint outside a Hydra run dir
         return rest + out
 
     original = replayed_overrides(run_dir)
@@ -117,7 +111,7 @@ def replayed_overrides(run_dir: Path) -> list[str]:
     ``_target_`` they set is checked against the registry when the run is built, like any config."""
     import yaml
 
-    path = run_dir / ".hydra" / "overrides.yaml"
+    path = overrides_yaml(run_dir)
     try:
         original = yaml.safe_load(path.read_text()) or []
     except (OSError, yaml.YAMLError) as err:
@@ -145,11 +139,7 @@ def requeue_checkpoint(run_dir: Path) -> Path | None:
     (written at SLURM's pre-emption signal when Lightning handles the requeue). None for a first
     run, so a run never resumes by accident from a directory it did not write.
     """
-    from genexp.rundir import is_restart
-
     if not is_restart():
         return None
-    found = [
-        p for p in (run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()
-    ]
+    found = [p for p in (run_dir / CHECKPOINTS / LAST_CKPT, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from genexp import layout
 from genexp.errors import GenexpError
 
 TIMESTAMP = "%Y-%m-%d_%H-%M-%S"
@@ -27,6 +28,26 @@ INTERACTIVE_JOB_NAMES = ("bash", "interactive")
 # SLURM's special step ids (batch script, extern, interactive) are not numbered srun steps
 _LAST_NUMBERED_STEP = 0xFFFFFFF0
 _STORE_TIMEOUT_S = 120  # rank 0 claims the dir while composing its config: seconds
+SEARCH_ROOTS = ("outputs", "multirun")  # where ``latest`` looks for runs, under the working directory
+
+
+def run_dirs(roots: tuple[str, ...] = SEARCH_ROOTS) -> list[Path]:
+    """Every training run dir under ``roots``: a folder whose ``.hydra/config.yaml`` Hydra wrote."""
+    pattern = f"**/{layout.HYDRA_DIR}/{layout.CONFIG_YAML}"
+    return [p.parent.parent for root in roots for p in Path(root).glob(pattern)]
+
+
+def newest_run(roots: tuple[str, ...] = SEARCH_ROOTS) -> Path | None:
+    """``latest``: the run dir started or resumed last (Hydra rewrites its config then); None if none."""
+    runs = [r for r in run_dirs(roots) if layout.overrides_yaml(r).is_file()]
+    return max(runs, key=lambda r: layout.config_yaml(r).stat().st_mtime) if runs else None
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The run dir that holds ``ckpt`` (``<run>/checkpoints/<name>.ckpt``); None for a checkpoint
+    kept anywhere else (a loose copy has no run whose files belong to it)."""
+    parent = Path(ckpt).parent
+    return parent.parent if parent.name == layout.CHECKPOINTS else None
 
 
 def slurm_run_name(env: Mapping[str, str] = os.environ) -> str | None:

@@ -106,7 +106,7 @@ def count_flops(args) -> dict:
     from benchlib import compose
     from torch.utils.flop_counter import FlopCounterMode
 
-    from genexp.commands.train import build_model
+    from genexp.build import build_model
 
     device = torch.device("cpu" if args.smoke else "cuda")
     cfg = compose([*recipe(args), "paths.output_dir=unused"])

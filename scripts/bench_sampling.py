@@ -35,8 +35,8 @@ from benchlib import (
     write_json,
 )
 
+from genexp.build import build_model
 from genexp.checkpoints import load_model
-from genexp.commands.train import build_model
 
 FAMILIES = "ae,vae,gan,realnvp,glow,ddpm,pixelcnn,pixel_transformer"
 DDPM = {"_target_": "genexp.diffusion.samplers.DDPMSampler", "_partial_": True, "variance": "beta_tilde"}

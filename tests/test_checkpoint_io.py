@@ -18,9 +18,11 @@ import pytest
 import torch
 from conftest import compose_cfg, group_options, tiny
 
+from genexp.build import instantiate
+from genexp.checkpoints import read as read_checkpoint
+from genexp.commands.train import train
 from genexp.errors import GenexpError
 from genexp.lit.checkpointing import AtomicCheckpointIO, StepCheckpoint, temp_path
-from genexp.commands.train import instantiate, read_checkpoint, train
 
 
 def checkpoint(version: int, size: int = 1000) -> dict:
@@ -271,3 +273,39 @@ def test_under_slurm_genexp_handles_preemption_and_requeues(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     _requeue_slurm_job()
     assert calls.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_run_dir_means_its_best_weights_and_a_ckpt_file_itself(tmp_path, monkeypatch):
+    """THE rule (genexp.checkpoints.weights_of): a run dir means checkpoints/best.ckpt when it exists,
+    else last.ckpt; a .ckpt path is itself; ``latest`` is the newest run dir by the same rule. So
+    ``genexp evaluate ckpt=<run>`` scores the weights the run's own test scored (metrics.json)."""
+    from genexp.build import build_model, plain_config
+    from genexp.checkpoints import load_model, weights_of
+
+    run = tmp_path / "outputs" / "vae-synthetic" / "run"
+    cfg = compose_cfg(tiny("vae"), run)
+    model = build_model(cfg)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    for name in ("config.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text("[]\n")
+    for name, value in (("last.ckpt", 1.0), ("best.ckpt", 2.0)):
+        weights = {f"model.{k}": torch.full_like(v, value) for k, v in model.state_dict().items()}
+        torch.save(
+            {"genexp": {"config": plain_config(cfg)}, "state_dict": weights}, run / "checkpoints" / name
+        )
+    best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
+
+    assert weights_of(run) == weights_of(run / "checkpoints") == best.resolve()
+    assert weights_of(last) == last.resolve() and weights_of(str(best)) == best.resolve()
+    monkeypatch.chdir(tmp_path)
+    assert weights_of("latest") == best.resolve()
+    loaded = load_model(str(run))
+    assert loaded.path == best.resolve()
+    assert all(float(p.flatten()[0]) == 2.0 for p in loaded.model.state_dict().values() if p.numel())
+    assert all(
+        float(p.flatten()[0]) == 1.0 for p in load_model(last).model.state_dict().values() if p.numel()
+    )
+
+    best.unlink()  # a run without a monitored best: its newest weights
+    assert weights_of(run) == last.resolve() and load_model(run).path == last.resolve()

@@ -10,10 +10,10 @@ import torch
 from conftest import TINY, compose_cfg, group_options
 from omegaconf import OmegaConf
 
+from genexp.build import build_model, check_targets, instantiate
 from genexp.data.base import ImageSource
 from genexp.errors import GenexpError
 from genexp.lit.datamodule import DataModule
-from genexp.commands.train import build_model, check_targets, instantiate
 
 GROUPS = [
     "model",

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import TINY_MODEL, compose_cfg, group_options
 
+from genexp.build import build_model
 from genexp.models.base import LossOutput
-from genexp.commands.train import build_model
 
 FAMILIES = group_options("model")
 

@@ -10,10 +10,11 @@ import torch
 from conftest import compose_cfg, tiny
 from PIL import Image
 
+from genexp.build import build_model
 from genexp.checkpoints import load_model, model_state
+from genexp.commands.train import train
 from genexp.diffusion.samplers import DDIMSampler, DDPMSampler
 from genexp.errors import GenexpError
-from genexp.commands.train import build_model, train
 
 
 def ckpt(run, name="last.ckpt"):

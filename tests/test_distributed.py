@@ -143,8 +143,8 @@ def test_ddp_run_trains_checkpoints_resumes_and_writes_one_set_of_files(tmp_path
 
 def full_split_loss(ckpt: Path, split: str) -> float:
     """The family's loss on a whole split, in one process, from a checkpoint."""
+    from genexp.build import instantiate
     from genexp.data.base import collate_batch
-    from genexp.commands.train import instantiate
 
     loaded = load_model(str(ckpt))
     data = getattr(instantiate(loaded.config.dataset, "dataset").load(), split)

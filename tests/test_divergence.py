@@ -10,13 +10,14 @@ import pytest
 import torch
 from conftest import compose_cfg, group_options
 
+from genexp.build import instantiate
+from genexp.commands.train import train
 from genexp.errors import GenexpError
 from genexp.lit.callbacks import EpochSummary
 from genexp.lit.divergence import DivergenceGuard
 from genexp.models.base import LossOutput
 from genexp.models.gan import GAN
 from genexp.models.vae import VAE
-from genexp.commands.train import instantiate, train
 
 NAN = float("nan")
 

@@ -29,8 +29,9 @@ from conftest import compose_cfg, tiny
 from test_cli import genexp
 from test_sample_cli import compose_app
 
+from genexp.build import build_model
+from genexp.commands.train import train
 from genexp.errors import GenexpError
-from genexp.commands.train import build_model, train
 
 TESTS = Path(__file__).resolve().parent
 DOC = TESTS.parent / "docs" / "errors.md"

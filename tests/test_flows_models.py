@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import TINY_MODEL, compose_cfg
 
+from genexp.build import instantiate
+from genexp.commands.train import train
 from genexp.errors import GenexpError
 from genexp.models.base import LossOutput
 from genexp.models.glow import Glow
 from genexp.models.realnvp import RealNVP
-from genexp.commands.train import instantiate, train
 
 FLOWS = ["realnvp", "glow"]
 

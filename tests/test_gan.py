@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from genexp.commands.train import train
 from genexp.errors import ConfigError, GenexpError
 from genexp.metrics.diversity import diversity_ratio, energy_distance, mean_pairwise_distance
 from genexp.models import gan_losses as L
 from genexp.models.gan import GAN
 from genexp.nets.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_plan
-from genexp.commands.train import train
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -253,8 +253,8 @@ def test_each_loss_trains_with_its_stabilisers(loss, tiny_cfg, tmp_path):
 def test_optimizer_arguments_per_network(tiny_cfg):
     from conftest import compose_cfg, tiny
 
+    from genexp.build import instantiate
     from genexp.lit.gan_module import GANModule
-    from genexp.commands.train import instantiate
 
     cfg = compose_cfg([*tiny("gan"), "optimizer.lr=3e-4", "model.d_optimizer.lr=4e-4"])
     model = instantiate(cfg.model, "model")

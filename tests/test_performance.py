@@ -16,6 +16,8 @@ from conftest import compose_cfg, tiny
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from genexp.build import build_model, instantiate
+from genexp.commands.train import train
 from genexp.data.base import ImageTensorDataset
 from genexp.data.order import EpochSampler
 from genexp.data.synthetic import Synthetic
@@ -25,7 +27,6 @@ from genexp.lit.device_data import DeviceLoader
 from genexp.lit.gan_module import GANModule
 from genexp.lit.module import GenerativeModule
 from genexp.lit.performance import Performance, clips_under_amp, impl_kwargs, networks
-from genexp.commands.train import build_model, instantiate, train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -20,15 +20,20 @@ from test_cli import genexp
 from test_sample_cli import compose_app
 
 from genexp import build
+from genexp.build import build_model
+from genexp.commands.train import train
 from genexp.errors import GenexpError
-from genexp.commands.train import build_model, train
 
 REFUSED = "not a configurable target; configs construct only the classes genexp registers"
 
 
 def run_command(marker: Path) -> dict:
     """A config node that, if constructed, starts ``touch marker`` as a process."""
-    return {"_target_": "genexp.commands.compare.run_logged", "cmd": ["sh", "-c", f"touch {marker}"], "label": "x"}
+    return {
+        "_target_": "genexp.commands.compare.run_logged",
+        "cmd": ["sh", "-c", f"touch {marker}"],
+        "label": "x",
+    }
 
 
 def write_file(marker: Path) -> dict:
@@ -162,7 +167,9 @@ def test_checkpoint_config_cannot_run_code_as_a_first_stage(first_stage_run, tmp
     path = crafted(first_stage_run, tmp_path, lambda c: c.update(model=run_command(marker)))
     with pytest.raises(GenexpError) as err:
         build_model(compose_cfg(["model=ldm", "dataset=synthetic", f"model.first_stage={path}"], tmp_path))
-    one_line(err, f"model.first_stage={path}: ", "model._target_=genexp.commands.compare.run_logged: " + REFUSED)
+    one_line(
+        err, f"model.first_stage={path}: ", "model._target_=genexp.commands.compare.run_logged: " + REFUSED
+    )
     assert not marker.exists()
 
 
@@ -205,7 +212,9 @@ def test_replayed_overrides_cannot_run_a_command_or_read_the_environment(first_s
     assert out.returncode == 2, out.stderr
     assert out.stderr.count(
         "\n"
-    ) == 1 and "callbacks.evil._target_=genexp.commands.compare.run_logged: " + REFUSED in (out.stderr), out.stderr
+    ) == 1 and "callbacks.evil._target_=genexp.commands.compare.run_logged: " + REFUSED in (out.stderr), (
+        out.stderr
+    )
     assert not marker.exists()
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["paths.data_dir=${oc.env:HOME}"]))
     out = genexp("train", f"ckpt_path={run}", cwd=tmp_path)

@@ -8,8 +8,9 @@ import time
 import pytest
 import yaml
 
+from genexp.checkpoints import run_dir_of
 from genexp.errors import GenexpError
-from genexp.resume import resolve_checkpoint, resume_argv, run_dir_of
+from genexp.resume import resolve_checkpoint, resume_argv
 
 
 def make_run(root, name, overrides, age=0.0):

@@ -17,9 +17,10 @@ import pytest
 import torch
 from conftest import compose_cfg, tiny
 
+from genexp.checkpoints import read as read_checkpoint
+from genexp.commands.train import train
 from genexp.errors import GenexpError
 from genexp.resume import resolve_checkpoint
-from genexp.commands.train import read_checkpoint, train
 from genexp.runlock import LOCK_NAME, run_lock
 
 
@@ -250,7 +251,7 @@ def test_an_ldm_checkpoint_needs_no_first_stage_run(first_stage_run, tmp_path):
 
 
 def test_a_first_stage_trained_on_other_images_is_refused(first_stage_run, tmp_path):
-    from genexp.commands.train import build_model
+    from genexp.build import build_model
 
     cfg = compose_cfg(
         ["model=ldm", "dataset=synthetic", "dataset.image_size=8", f"model.first_stage={first_stage_run}"]

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -25,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from genexp import atomic
-from genexp.build import check_targets, instantiate  # noqa: F401 - re-exported
+from genexp.build import build_model_and_first_stage, check_targets, instantiate, plain_config  # noqa: F401
+from genexp.checkpoints import check_weights_fit, read
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.lit.callbacks import EpochSummary, Throughput
 from genexp.lit.checkpointing import AtomicCheckpointIO, Preempted, ResumePosition, slurm_plugins
@@ -123,106 +123,6 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
-def _file_kind(path: Path) -> str | None:
-    """What a file that is not a PyTorch checkpoint looks like, from its first bytes (None: it
-    may be one: a zip archive, which torch.save writes, or a legacy pickle)."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(512)
-    except OSError as err:
-        return f"cannot be read ({err.strerror})"
-    if not head:
-        return None  # empty: torch's own error says EOF
-    if head.startswith(b"PK") or head[:1] == b"\x80":
-        return None
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not a PyTorch file (unknown binary data)"
-    return "a text file, not a PyTorch checkpoint"
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load a genexp checkpoint safely (``weights_only=True``): a pickle that would run code is
-    refused, and the sections genexp reads are checked to be what genexp writes."""
-    kind = _file_kind(path)
-    if kind is not None:
-        raise GenexpError(
-            f"ckpt_path={path}: {kind}; pass a .ckpt that genexp wrote (a run dir's checkpoints/)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only met a global it does not allow: nothing ran
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        if not found:
-            raise GenexpError(
-                f"ckpt_path={path}: cannot load it as a checkpoint: not a valid pickle "
-                f"({str(err).strip().splitlines()[0][:120] if str(err).strip() else 'UnpicklingError'}); "
-                "use another checkpoint of the run (checkpoints/best.ckpt) or retrain"
-            ) from None
-        raise GenexpError(
-            f"ckpt_path={path}: cannot load it safely as a checkpoint: it holds pickled Python objects "
-            f"({found.group(1)}) that weights_only=True refuses, so nothing in it was run; use a checkpoint genexp wrote"
-        ) from None
-    except Exception as err:  # truncated zip, empty file, not a PyTorch file at all
-        first = str(err).strip().splitlines()[0].split(". ")[0][:120] if str(err).strip() else ""
-        first = f"{type(err).__name__}: {first}" if first else type(err).__name__
-        raise GenexpError(
-            f"ckpt_path={path}: cannot load it safely as a checkpoint: truncated or not a PyTorch file "
-            f"({first}); use another checkpoint of the run (checkpoints/best.ckpt) or retrain"
-        ) from None
-    if not isinstance(ckpt, dict) or "genexp" not in ckpt or "state_dict" not in ckpt:
-        raise GenexpError(f"ckpt_path={path}: not a genexp checkpoint (no genexp section)")
-    check_sections(ckpt, path)
-    return ckpt
-
-
-def check_sections(ckpt: dict, path: Path) -> None:
-    """A checkpoint's ``genexp`` and ``state_dict`` sections have the types genexp writes."""
-    meta, state = ckpt["genexp"], ckpt["state_dict"]
-    problem = None
-    if not isinstance(meta, dict):
-        problem = f"its genexp section is a {type(meta).__name__}, not a mapping"
-    elif not isinstance(meta.get("config", {}), dict | type(None)):
-        problem = f"its genexp.config is a {type(meta['config']).__name__}, not a mapping"
-    elif not isinstance((meta.get("config") or {}).get("model", {}), dict):
-        problem = "its genexp.config.model is not a mapping"
-    elif not isinstance(state, dict) or not all(
-        isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
-    ):
-        problem = "its state_dict is not a mapping of names to tensors"
-    if problem:
-        raise GenexpError(
-            f"ckpt_path={path}: a malformed genexp checkpoint ({problem}); use a checkpoint genexp wrote"
-        )
-
-
-def check_weights_fit(module: torch.nn.Module, state_dict: dict, path: Path) -> None:
-    """A checkpoint of the same family with other sizes (``model.latent_dim``), or of another genexp
-    version (weights missing or extra), fails here naming the first tensor that differs, before
-    training, not in Lightning's page of mismatches."""
-    own = module.state_dict()
-    for name, tensor in state_dict.items():
-        if name in own and hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(own[name].shape):
-            raise GenexpError(
-                f"ckpt_path={path}: its weights do not fit this model ({name} is {tuple(tensor.shape)} there, "
-                f"{tuple(own[name].shape)} here); pass the run's own model.* settings, or its run dir"
-            )
-    missing = sorted(set(own) - set(state_dict))
-    extra = sorted(set(state_dict) - set(own))
-    if missing or extra:
-        first, more = (
-            (f"lacks {missing[0]}", len(missing) - 1)
-            if missing
-            else (f"has an unknown {extra[0]}", len(extra) - 1)
-        )
-        raise GenexpError(
-            f"ckpt_path={path}: its weights do not fit this model (it {first}{f' and {more} more' if more > 0 else ''}); "
-            "it was written by another genexp version or with other model.* settings: pass the run's own "
-            "settings (its run dir), or use the genexp version that wrote it"
-        )
-
-
 def check_writable(output_dir: Path) -> None:
     """A run dir that cannot be written fails now, not at the first checkpoint or sample grid."""
     try:
@@ -287,50 +187,6 @@ def finished_results(output_dir: Path, step: int) -> dict | None:
     return metrics
 
 
-def load_checkpoint_meta(path: Path) -> dict:
-    """The genexp section (config, wandb id) of a checkpoint."""
-    return read_checkpoint(path)["genexp"]
-
-
-def build_model(cfg: DictConfig) -> torch.nn.Module:
-    """Instantiate ``cfg.model`` (see :func:`build_model_and_first_stage`)."""
-    return build_model_and_first_stage(cfg)[0]
-
-
-def build_model_and_first_stage(cfg: DictConfig) -> tuple[torch.nn.Module, dict | None]:
-    """Instantiate ``cfg.model``, and return with it what rebuilds its first stage, if it has one.
-
-    Latent diffusion's ``model.first_stage`` is either a trained AE/VAE's run dir or .ckpt (training:
-    loaded with its weights through :func:`genexp.checkpoints.load_first_stage`) or, in a checkpoint
-    of such a run, ``{source, config}``: the first stage's own stored config, rebuilt here without
-    weights (the latent model's state dict holds them), so that checkpoint needs nothing else."""
-    from genexp.checkpoints import check_first_stage_fits, first_stage_from_config, load_first_stage
-
-    kwargs, record = {}, None
-    first_stage = cfg.model.get("first_stage")
-    if isinstance(first_stage, str):
-        loaded = load_first_stage(first_stage)
-        kwargs["first_stage"] = loaded.model
-        record = {"source": str(loaded.path), "config": plain_config(loaded.config)}
-        check_first_stage_fits(cfg, loaded.config, first_stage)
-    elif isinstance(first_stage, DictConfig) and "config" in first_stage:
-        kwargs["first_stage"] = first_stage_from_config(first_stage.config)
-    elif first_stage is None and "first_stage" in cfg.model:
-        raise GenexpError(
-            "model.first_stage=null: latent diffusion needs a trained AE/VAE; pass "
-            "model.first_stage=<run dir or .ckpt> (or use experiment=ldm_two_stage to train both)"
-        )
-    try:
-        return instantiate(cfg.model, "model", **kwargs), record
-    except GenexpError as err:
-        # a nested part (net, schedule) reports only its own argument: rebuild the parts one by one
-        # so the error names the full key (model.net.num_groups, not model.num_groups)
-        for name, child in cfg.model.items():
-            if isinstance(child, DictConfig) and "_target_" in child and not child.get("_partial_"):
-                instantiate(child, f"model.{name}")
-        raise err from None
-
-
 FIRST_STAGE_SHARED = ("dataset", "data", "seed", "logger", "performance")
 FIRST_STAGE_TRAINER = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 
@@ -368,11 +224,6 @@ def train_first_stage(cfg: DictConfig) -> None:
     sub.ckpt_path = None
     sub.first_stage_train = None
     train(sub)
-
-
-def plain_config(cfg: DictConfig) -> dict:
-    """The resolved config as plain containers (what checkpoints and loggers store)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
 def build_logger(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
@@ -432,7 +283,7 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> Resumed | None:
     if not (cfg.get("ckpt_path") or requeued):
         return None
     ckpt_path = requeued or resolve_checkpoint(str(cfg.ckpt_path))
-    resumed = read_checkpoint(ckpt_path)
+    resumed = read(ckpt_path)
     meta = resumed["genexp"]
     stored = (meta.get("config") or {}).get("model", {}).get("_target_")
     if stored and stored != cfg.model.get("_target_"):
