@@ -459,8 +459,8 @@ def test_each_rank_draws_its_own_sampling_noise(module_class):
     def noise(rank: int, world_size: int) -> torch.Tensor:
         torch.manual_seed(0)
         model = nn.Linear(1, 1)
-        model.g_optimizer = model.d_optimizer = {}  # the GAN module builds one optimizer per network
-        module = cls(model=model, optimizer=partial(torch.optim.SGD, lr=0.1))
+        extra = {"optimizers": {"generator": {}, "discriminator": {}}} if cls is GANModule else {}
+        module = cls(model=model, optimizer=partial(torch.optim.SGD, lr=0.1), **extra)
         module._trainer = SimpleNamespace(world_size=world_size, global_rank=rank, datamodule=None)
         module.on_fit_start()
         return torch.randn(4)

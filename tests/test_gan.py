@@ -132,7 +132,6 @@ def tiny_gan(**kwargs) -> GAN:
         ({"loss": "wgan"}, "loss"),
         ({"d_steps_per_g_step": 0}, "d_steps_per_g_step"),
         ({"ema_decay": 1.0}, "ema_decay"),
-        ({"g_optimizer": [1e-4]}, "g_optimizer"),
     ],
 )
 def test_bad_settings_name_their_key(kwargs, key):
@@ -242,7 +241,12 @@ def test_max_steps_counts_generator_steps(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize("loss", ["minimax", "hinge", "wgan_gp"])
 def test_each_loss_trains_with_its_stabilisers(loss, tiny_cfg, tmp_path):
-    extra = ["model.spectral_norm=true", "model.grad_clip=1.0", "model.ema_decay=0.9", "model.truncation=2.0"]
+    extra = [
+        "model.spectral_norm=true",
+        "module.clip_grad_norm=1.0",
+        "model.ema_decay=0.9",
+        "model.truncation=2.0",
+    ]
     if loss == "wgan_gp":
         extra += ["model.r1_gamma=1.0", "model.d_norm=none"]
     metrics = train(tiny_cfg(f"model.loss={loss}", *extra, model="gan"))
@@ -252,19 +256,35 @@ def test_each_loss_trains_with_its_stabilisers(loss, tiny_cfg, tmp_path):
 
 def test_optimizer_arguments_per_network(tiny_cfg):
     from conftest import compose_cfg, tiny
+    from omegaconf import OmegaConf
 
     from genexp.build import instantiate
-    from genexp.lit.gan_module import GANModule
+    from genexp.lit.gan_module import GANModule, module_for
 
-    cfg = compose_cfg([*tiny("gan"), "optimizer.lr=3e-4", "model.d_optimizer.lr=4e-4"])
+    cfg = compose_cfg([*tiny("gan"), "optimizer.lr=3e-4", "module.optimizers.discriminator.lr=4e-4"])
     model = instantiate(cfg.model, "model")
-    assert type(model.g_optimizer) is dict and model.g_optimizer == {"lr": 3e-4, "betas": [0.5, 0.999]}
+    recipe = OmegaConf.to_container(cfg.module, resolve=True)
     optimizer = instantiate(cfg.optimizer, "optimizer")
-    module = GANModule(model, optimizer)
+    module = module_for(model, recipe, optimizer=optimizer)
+    assert type(module) is GANModule and module.clip_grad_norm is None
+    assert module.optimizer_args["generator"] == {"lr": 3e-4, "betas": [0.5, 0.999]}
     module.trainer = SimpleNamespace(estimated_stepping_batches=10)  # configure_optimizers reads nothing else
     opt_g, opt_d = (o for o in GANModule.configure_optimizers(module))
     assert opt_g.param_groups[0]["lr"] == 3e-4 and opt_d.param_groups[0]["lr"] == 4e-4
     assert tuple(opt_d.param_groups[0]["betas"]) == (0.5, 0.999)  # DCGAN's Adam, not the group's (0.9, 0.999)
     sgd = instantiate(compose_cfg([*tiny("gan"), "optimizer=sgd"]).optimizer, "optimizer")
-    with pytest.raises(GenexpError, match=r"model\.g_optimizer=.*betas"):
+    with pytest.raises(GenexpError, match=r"module\.optimizers\.generator=.*betas"):
         GANModule(model, sgd)
+    with pytest.raises(ConfigError) as err:
+        GANModule(model, optimizer, optimizers={"generator": [1e-4]})
+    assert err.value.key == "module.optimizers.generator"
+    assert GANModule(model, optimizer).optimizer_args == {  # without a module: node, today's recipe
+        "generator": {"betas": [0.5, 0.999]},
+        "discriminator": {"betas": [0.5, 0.999]},
+    }
+
+
+def test_a_checkpoint_written_before_the_recipe_moved_rebuilds():
+    """Configs stored before ``module:`` held the optimizers and clipping gave them to the GAN."""
+    old = tiny_gan(grad_clip=1.0, g_optimizer={"lr": 2e-4}, d_optimizer={"lr": 4e-4, "betas": [0.5, 0.999]})
+    assert old.state_dict().keys() == tiny_gan().state_dict().keys()

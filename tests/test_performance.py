@@ -307,7 +307,7 @@ def test_optimizer_impl_reaches_the_optimizer(impl, defaults):
     gan = GANModule(model=build_model(compose_cfg(tiny("gan"))), optimizer=factory)
     for opt in gan.configure_optimizers():
         assert {k: opt.defaults[k] for k in defaults} == defaults
-        assert opt.defaults["betas"] == tuple(gan.model.g_optimizer["betas"])
+        assert opt.defaults["betas"] == tuple(gan.optimizer_args["generator"]["betas"])
 
 
 def test_optimizer_impl_of_this_run_wins_over_a_resumed_optimizer_state():
@@ -339,12 +339,9 @@ def test_optimizer_impl_auto_is_fused_on_cuda_when_the_optimizer_has_it():
 
 
 def test_fused_optimizer_with_clipping_under_mixed_precision_is_refused_before_training(tmp_path):
-    gan = SimpleNamespace(grad_clip=1.0)
-    assert clips_under_amp("bf16-mixed", 1.0, nn.Linear(1, 1))
-    assert clips_under_amp("16-mixed", None, gan)  # the GAN clips in its own step
-    assert not clips_under_amp("32-true", 1.0, gan) and not clips_under_amp(
-        "bf16-mixed", 0.0, nn.Linear(1, 1)
-    )
+    assert clips_under_amp("bf16-mixed", 1.0)
+    assert clips_under_amp("16-mixed", None, 1.0)  # the GAN clips in its own step (module.clip_grad_norm)
+    assert not clips_under_amp("32-true", 1.0, 1.0) and not clips_under_amp("bf16-mixed", 0.0)
     fused = [*tiny("vae"), "performance.precision=bf16-mixed", "performance.optimizer_impl=fused"]
     with pytest.raises(GenexpError, match=r"^performance.optimizer_impl=fused: Lightning's mixed precision"):
         train(compose_cfg([*fused, "trainer.gradient_clip_val=1.0"], tmp_path / "clipped"))

@@ -147,8 +147,7 @@ class SampleGrid(pl.Callback):
                 if hasattr(model, "encode") and self.latent_points and datamodule is not None:
                     x, y = datamodule.fixed_batch("val", self.latent_points)
                     if len(x) >= 3:  # a 2-D projection needs a few points
-                        z = model.encode(x.to(pl_module.device))
-                        z = z[0] if isinstance(z, tuple) else z  # VAE: the posterior mean
+                        z = model.encode(x.to(pl_module.device))  # (B, latent_dim)
                         path = self.dirpath / f"{tag}_latents.png"
                         latent_scatter(
                             z.cpu(), y.cpu(), path, f"latents of {len(x)} validation images ({tag})"

@@ -14,17 +14,23 @@ wrapper, and ``global_step`` counts G steps only. ``metrics.json``'s ``global_st
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from genexp.errors import GenexpError
+from genexp.errors import ConfigError, GenexpError, check_float
+from genexp.lit.compat import find_unused_parameters
 from genexp.lit.divergence import DivergenceGuard
+from genexp.lit.module import GenerativeModule
+from genexp.models.base import Adversarial
 
 log = logging.getLogger("genexp")
+
+# DCGAN's Adam betas for both networks (Radford et al. 2016): today's recipe, also in configs/model/gan.yaml
+DCGAN_OPTIMIZERS = {"generator": {"betas": [0.5, 0.999]}, "discriminator": {"betas": [0.5, 0.999]}}
+NETWORKS = ("generator", "discriminator")
 
 
 def grad_norm(parameters) -> torch.Tensor:
@@ -33,18 +39,43 @@ def grad_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
-class GANModule(pl.LightningModule):
-    """Args:
-    model: an adversarial family: ``d_loss``, ``g_loss``, ``sample``, ``evaluate``, ``update_ema``,
-        ``generator``/``discriminator`` modules and its recipe (``d_steps_per_g_step``,
-        ``grad_clip``, ``g_optimizer``/``d_optimizer`` arguments).
+def network_optimizer_args(optimizers) -> dict[str, dict]:
+    """``{"generator": {...}, "discriminator": {...}}`` as plain dicts (lists for tuples), both
+    networks present (a missing one takes the optimizer group's arguments as they are)."""
+    if not isinstance(optimizers, Mapping) or set(optimizers) - set(NETWORKS):
+        raise ConfigError(
+            "module.optimizers", optimizers, f"must be a mapping with keys among {list(NETWORKS)}"
+        )
+    args = {}
+    for network in NETWORKS:
+        value = optimizers.get(network) or {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"module.optimizers.{network}",
+                value,
+                "must be a mapping of optimizer arguments, e.g. {lr: 2e-4}",
+            )
+        args[network] = {
+            k: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in value.items()
+        }
+    return args
+
+
+class GANModule(GenerativeModule):
+    """Args (see :class:`GenerativeModule` for the shared ones):
+    model: an adversarial family (:class:`genexp.models.base.Adversarial`): ``d_loss``, ``g_loss``,
+        ``sample``, ``evaluate``, ``update_ema``, ``generator``/``discriminator`` modules and
+        ``d_steps_per_g_step``.
     optimizer: ``params -> Optimizer`` (a ``_partial_`` from ``optimizer/``), called once per
-        network with the model's per-network arguments on top.
+        network with that network's arguments from ``optimizers`` on top.
     scheduler: ``(optimizer, total_steps=...) -> LRScheduler`` or None, one per network, stepped
         once per G step.
-    config: the resolved run config as plain containers, stored in every checkpoint.
-    divergence: what a non-finite D or G loss does (stop, or skip that network's update);
-        run.py also registers it as a callback, which checks both networks' gradients.
+    optimizers: ``{"generator": {...}, "discriminator": {...}}``, each network's optimizer
+        arguments that replace the optimizer group's (config: ``module.optimizers``; e.g. a larger
+        D learning rate for TTUR). Default: DCGAN's betas (0.5, 0.999) for both.
+    clip_grad_norm: clip each network's gradient norm to this before its step (None: off;
+        ``trainer.gradient_clip_val`` cannot: manual optimization).
+    divergence: what a non-finite D or G loss does (stop, or skip that network's update).
     """
 
     def __init__(
@@ -54,69 +85,73 @@ class GANModule(pl.LightningModule):
         scheduler: Callable | None = None,
         config: dict | None = None,
         divergence: DivergenceGuard | None = None,
+        optimizers: dict | None = None,
+        clip_grad_norm: float | None = None,
     ):
-        super().__init__()
+        super().__init__(model, optimizer, scheduler, config, divergence)
         self.automatic_optimization = False
-        self.model = model
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.config = config or {}
-        self.divergence = divergence or DivergenceGuard()
-        self.wandb_id: str | None = None
+        self.optimizer_args = network_optimizer_args(DCGAN_OPTIMIZERS if optimizers is None else optimizers)
+        self.clip_grad_norm = (
+            None
+            if clip_grad_norm is None
+            else check_float("module.clip_grad_norm", clip_grad_norm, positive=True)
+        )
         self._log_grad_norms = False
         self._grad_norms: dict[str, torch.Tensor] = {}
-        for key in ("g_optimizer", "d_optimizer"):  # a bad argument fails now, not at fit start
+        for network in NETWORKS:  # a bad argument fails now, not at fit start
             try:
-                self._build_optimizer(key, [nn.Parameter(torch.zeros(1))])
+                self._build_optimizer(network, [nn.Parameter(torch.zeros(1))])
             except (TypeError, ValueError) as err:
-                raise GenexpError(f"model.{key}={getattr(model, key)}: {err}") from None
+                raise GenexpError(
+                    f"module.optimizers.{network}={self.optimizer_args[network]}: {err}"
+                ) from None
 
-    def _build_optimizer(self, key: str, params) -> torch.optim.Optimizer:
-        return self.optimizer_factory(params, **getattr(self.model, key))
+    def _build_optimizer(self, network: str, params) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params, **self.optimizer_args[network])
 
     # ---------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         # D's loss does not reach G's parameters and G's step freezes D's: under DDP some parameters
         # get no gradient in each backward, which DDP only allows when told to look for them
-        strategy = self.trainer.strategy
-        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-        if isinstance(strategy, pl.strategies.DDPStrategy) and isinstance(ddp_kwargs, dict):
-            ddp_kwargs["find_unused_parameters"] = True
-
-    def on_fit_start(self) -> None:
-        if self.trainer.world_size > 1:
-            # seed_everything gives every rank the same seed, hence the same z: offset it per rank
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
+        find_unused_parameters(self.trainer.strategy)
 
     def configure_optimizers(self) -> Any:
-        opt_g = self._build_optimizer("g_optimizer", self.model.generator.parameters())
-        opt_d = self._build_optimizer("d_optimizer", self.model.discriminator.parameters())
+        opt_g = self._build_optimizer("generator", self.model.generator.parameters())
+        opt_d = self._build_optimizer("discriminator", self.model.discriminator.parameters())
         if self.scheduler_factory is None:
             return [opt_g, opt_d]
         total = int(self.trainer.estimated_stepping_batches)  # batches = G steps
         return [opt_g, opt_d], [self.scheduler_factory(opt, total_steps=total) for opt in (opt_g, opt_d)]
 
     # ---------------------------------------------------------------- training
-    def _writes_logs(self) -> bool:
-        """Whether Lightning writes step logs after this step (see GenerativeModule._writes_logs)."""
-        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        n = x.shape[0]
         opt_g, opt_d = self.optimizers()
         writes_logs = self._writes_logs()
         self._log_grad_norms = writes_logs
         for _ in range(self.model.d_steps_per_g_step):
-            with self.toggled_optimizer(opt_d):
-                d_out = self.model.d_loss(x, y)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss = d_out.loss
-                if self.divergence.check_loss(self, d_out, "train", batch_idx, network="discriminator"):
-                    d_loss = self.divergence.zero_loss(self.model.discriminator.parameters())  # no update
-                self.manual_backward(d_loss)
-                # not opt_d.step(): LightningOptimizer.step would count this step in global_step
-                self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+            d_out = self._d_step(opt_d, x, y, batch_idx)
+        g_out = self._g_step(opt_g, x, y, batch_idx)
+        self.model.update_ema()
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+        self._log_step(d_out, g_out, x.shape[0], writes_logs)
+        return g_out.loss.detach()  # what the epoch summary prints as train/loss: G's loss
+
+    def _d_step(self, opt_d, x: torch.Tensor, y, batch_idx: int):
+        with self.toggled_optimizer(opt_d):
+            d_out = self.model.d_loss(x, y)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss = d_out.loss
+            if self.divergence.check_loss(self, d_out, "train", batch_idx, network="discriminator"):
+                d_loss = self.divergence.zero_loss(self.model.discriminator.parameters())  # no update
+            self.manual_backward(d_loss)
+            # not opt_d.step(): LightningOptimizer.step would count this step in global_step
+            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+        return d_out
+
+    def _g_step(self, opt_g, x: torch.Tensor, y, batch_idx: int):
         with self.toggled_optimizer(opt_g):  # D frozen: no gradients computed for it
             g_out = self.model.g_loss(x, y)
             opt_g.zero_grad(set_to_none=True)
@@ -125,24 +160,20 @@ class GANModule(pl.LightningModule):
                 g_loss = self.divergence.zero_loss(self.model.generator.parameters())
             self.manual_backward(g_loss)
             opt_g.step()  # also when skipped (no gradients, no update): global_step counts the batch
-        self.model.update_ema()
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
+        return g_out
 
-        self.log(
-            "train/d_loss", d_out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
-        )
-        self.log(
-            "train/g_loss", g_out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
-        )
+    def _log_step(self, d_out, g_out, n: int, writes_logs: bool) -> None:
+        for name, out in (("d_loss", d_out), ("g_loss", g_out)):
+            self.log(
+                f"train/{name}", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
+            )
         if writes_logs:
+            opt_g, opt_d = self.optimizers()
             values = {**d_out.logs, **g_out.logs, **self._grad_norms}
             values["g_lr"] = opt_g.param_groups[0]["lr"]
             values["d_lr"] = opt_d.param_groups[0]["lr"]
             for name, value in values.items():
                 self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=n)
-        return g_out.loss.detach()  # what the epoch summary prints as train/loss: G's loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # after AMP's unscaling and before the step, for both networks: measure, then clip
@@ -150,9 +181,9 @@ class GANModule(pl.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._log_grad_norms:
             self._grad_norms["g_grad_norm" if is_g else "d_grad_norm"] = grad_norm(params)
-        if self.model.grad_clip is not None:
+        if self.clip_grad_norm is not None:
             self.clip_gradients(
-                optimizer, gradient_clip_val=self.model.grad_clip, gradient_clip_algorithm="norm"
+                optimizer, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm"
             )
 
     # ---------------------------------------------------------------- evaluation
@@ -176,6 +207,15 @@ class GANModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # plain containers only, so the checkpoint loads with weights_only=True and rebuilds the run
-        checkpoint["genexp"] = {"config": self.config, "wandb_id": self.wandb_id}
+
+def module_for(model: nn.Module, recipe: Mapping | None = None, **shared: Any) -> GenerativeModule:
+    """The LightningModule that trains ``model``, chosen by its contract: :class:`GANModule` for
+    an adversarial family (two networks), :class:`GenerativeModule` otherwise.
+
+    Args:
+        recipe: the family's extra module arguments (the config's ``module:`` node, plain
+            containers; ``configs/model/gan.yaml``), or None.
+        shared: ``optimizer``, ``scheduler``, ``config``, ``divergence``.
+    """
+    cls = GANModule if isinstance(model, Adversarial) else GenerativeModule
+    return cls(model=model, **shared, **dict(recipe or {}))

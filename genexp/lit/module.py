@@ -1,7 +1,9 @@
-"""The generic LightningModule for every family trained with one optimizer.
+"""The one LightningModule: every family trains through it (adversarial families through its
+subclass :class:`genexp.lit.gan_module.GANModule`).
 
-A family plugs in through its contract (``loss``, optional ``nll_bpd``); this module only routes
-batches, logs ``{stage}/{name}`` metrics and builds the optimizer and LR schedule it was given.
+A family plugs in through its contract (``genexp.models.base``: ``loss``, optional ``nll_bpd``
+and ``prepare``); this module only routes batches, logs ``{stage}/{name}`` metrics and builds the
+optimizer and LR schedule it was given.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from genexp.lit.divergence import DivergenceGuard
+from genexp.models.base import Likelihood, Preparable
 
 
 class GenerativeModule(pl.LightningModule):
@@ -70,7 +73,7 @@ class GenerativeModule(pl.LightningModule):
                 )
             return out.loss
         # val/test: epoch means over all ranks; a family's own likelihood bound replaces the estimate
-        has_nll = hasattr(self.model, "nll_bpd")
+        has_nll = isinstance(self.model, Likelihood)
         self.log(f"{stage}/loss", out.loss, prog_bar=stage == "val", sync_dist=True, batch_size=n)
         for name, value in out.logs.items():
             if not (has_nll and name == "bpd"):
@@ -103,16 +106,13 @@ class GenerativeModule(pl.LightningModule):
         self._bpd_seen = 0
 
     def on_fit_start(self) -> None:
-        """Families that standardise by training-data statistics (latent diffusion) measure them
-        once, on the same fixed training images on every rank (a resumed run keeps its own); then
-        each rank gets its own noise stream."""
-        model = self.model
-        if hasattr(model, "calibrate") and not model.calibrated and self.trainer.datamodule is not None:
-            x, _ = self.trainer.datamodule.fixed_batch("train", 2048)
-            model.calibrate(x.to(self.device))
+        """The family's fit-time set-up (``prepare``: latent diffusion measures its latents on
+        fixed training images, the same on every rank); then each rank gets its own noise stream."""
+        if isinstance(self.model, Preparable) and self.trainer.datamodule is not None:
+            self.model.prepare(self.trainer.datamodule)
         if self.trainer.world_size > 1:
             # seed_everything gives every rank the same seed, hence the same noise (reparameterisation,
-            # dequantisation, diffusion's t and eps) on every rank: offset it per rank
+            # dequantisation, diffusion's t and eps, G's z) on every rank: offset it per rank
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

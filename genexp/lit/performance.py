@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from genexp.errors import ConfigError, GenexpError, check_choice
+from genexp.lit.compat import fused_devices
 
 log = logging.getLogger("genexp")
 
@@ -69,20 +70,12 @@ def optimizer_class(factory: Callable) -> type | None:
     return target if isinstance(target, type) else None
 
 
-def fused_devices() -> tuple[str, ...]:
-    try:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        return tuple(_get_fused_kernels_supported_devices())
-    except ImportError:  # private helper; these are the devices with fused Adam/AdamW/SGD kernels
-        return ("cuda", "cpu")
-
-
-def clips_under_amp(precision: str, gradient_clip_val, model: nn.Module) -> bool:
+def clips_under_amp(precision: str, gradient_clip_val, clip_grad_norm: float | None = None) -> bool:
     """Whether the run clips gradients under Lightning's mixed precision, which refuses to clip a
     fused optimizer's gradients (a fused step unscales them itself, after the clipping point).
-    ``model.grad_clip``: the GAN's own clipping (manual optimization)."""
-    clips = bool(gradient_clip_val) or getattr(model, "grad_clip", None) is not None
+    ``clip_grad_norm``: a module's own clipping under manual optimization (the GAN's
+    ``module.clip_grad_norm``)."""
+    clips = bool(gradient_clip_val) or clip_grad_norm is not None
     return str(precision).endswith("-mixed") and clips
 
 
@@ -244,7 +237,8 @@ class Performance(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed optimizer state brings back the fused/foreach flags it was saved with (torch's
         # load_state_dict restores whole param groups): this run's setting and device win
-        clipped_amp = clips_under_amp(trainer.precision, trainer.gradient_clip_val, pl_module.model)
+        own_clip = getattr(pl_module, "clip_grad_norm", None)
+        clipped_amp = clips_under_amp(trainer.precision, trainer.gradient_clip_val, own_clip)
         for opt in trainer.optimizers:
             tensors = [p for group in opt.param_groups for p in group["params"]]
             if not tensors:

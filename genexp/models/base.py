@@ -1,8 +1,20 @@
-"""The family contract shared by every generative model (see DESIGN.md)."""
+"""The family contract shared by every generative model (see DESIGN.md), as ``typing.Protocol``s.
+
+A family is a pure-torch ``nn.Module``; the Lightning glue, the commands and the callbacks ask
+what it can do with ``isinstance(model, Likelihood)`` and friends (the protocols are
+``runtime_checkable``: an ``isinstance`` check looks for the methods' names, not their
+signatures), so adding a family means writing its model file and YAML, never a branch on its name.
+
+- every family: :class:`Generative` (``loss`` and ``sample``; adversarial families train by
+  :class:`Adversarial`'s ``d_loss``/``g_loss`` instead of ``loss``);
+- optional: :class:`Likelihood` (``nll_bpd``), :class:`Reconstructing` (``reconstruct``),
+  :class:`Autoencoding` (``encode`` to a Tensor, ``decode``: what latent diffusion builds on),
+  :class:`Preparable` (``prepare(datamodule)``, fit-time set-up such as latent statistics).
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -16,6 +28,76 @@ class LossOutput(NamedTuple):
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class Generative(Protocol):
+    """Every family: a training loss on a batch of images in [0, 1], and samples in [0, 1]."""
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput: ...
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, C, H, W) images in [0, 1]; a family may take more keywords (``temperature``, ``y``)."""
+        ...
+
+
+@runtime_checkable
+class Likelihood(Protocol):
+    """Families with a bits/dim number on 8-bit data: exact (flows, autoregressive), a bound
+    (VAE, diffusion) or an ODE estimate. Optional attributes the glue reads: ``bpd_images``
+    (at most this many images per epoch) and ``bpd_stages`` (``("val", "test")`` by default)."""
+
+    def nll_bpd(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images in [0, 1] -> (B,) bits/dim."""
+        ...
+
+
+@runtime_checkable
+class Reconstructing(Protocol):
+    """Families that map an image back to itself (through a code or a first stage)."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W), both in [0, 1]."""
+        ...
+
+
+@runtime_checkable
+class Autoencoding(Reconstructing, Protocol):
+    """Families with a vector code: what a latent diffusion model trains on, and what the latent
+    scatter plot shows. ``encode`` returns one Tensor (a VAE's posterior mean)."""
+
+    latent_dim: int
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, latent_dim)."""
+        ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) -> (B, C, H, W) in [0, 1]."""
+        ...
+
+
+@runtime_checkable
+class Adversarial(Protocol):
+    """Two networks trained alternately (the GAN): each loss is a :class:`LossOutput` on the real
+    batch. The glue also reads ``generator``/``discriminator`` (the two ``nn.Module``s),
+    ``d_steps_per_g_step``, ``update_ema()`` and ``evaluate(x, generator)``."""
+
+    def d_loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput: ...
+
+    def g_loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput: ...
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Preparable(Protocol):
+    """Families with fit-time set-up from the training data (latent diffusion measures its
+    latents' statistics). Called once before training, on every rank; ``datamodule`` is the
+    run's :class:`genexp.lit.datamodule.DataModule` (``fixed_batch(split, n)`` gives the same
+    images on every rank)."""
+
+    def prepare(self, datamodule: Any) -> None: ...
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ are trained alternately on the objectives of ``gan_losses`` (non-saturating by d
 
 The family contract for a GAN is ``d_loss(x_real, y)`` and ``g_loss(x_real, y)`` (each a
 ``LossOutput``; G's uses the real batch only for its size, device and the diversity log) and
-``sample(n, generator)`` in [0, 1]. The Lightning glue (``genexp.lit.gan_module``) owns the
-optimizers and the alternation, and reads the training recipe stored here: ``d_steps_per_g_step``
-(n_critic), ``grad_clip`` and the per-network optimizer arguments.
+``sample(n, generator)`` in [0, 1] (``genexp.models.base.Adversarial``). The Lightning glue
+(``genexp.lit.gan_module``) owns the optimizers, their per-network arguments, gradient clipping
+(the config's ``module:`` node) and the alternation; the model keeps ``d_steps_per_g_step``
+(n_critic), part of the objective.
 
 Images are in [0, 1] outside the model and in [-1, 1] (G's tanh range) inside it.
 """
@@ -76,9 +77,9 @@ class GAN(nn.Module):
             (0: off; e.g. 0.999).
         truncation: default truncation of z for ``sample``: z is drawn conditioned on every
             |z_i| <= truncation (None: off).
-        grad_clip: clip each network's gradient norm to this before its step (None: off).
-        g_optimizer, d_optimizer: arguments for G's and D's optimizer that replace the optimizer
-            group's (e.g. ``{"lr": 2e-4, "betas": [0.5, 0.999]}``); read by the Lightning glue.
+        grad_clip, g_optimizer, d_optimizer: unused; accepted so that checkpoints written
+            before the training recipe moved to the config's ``module:`` node
+            (``module.clip_grad_norm``, ``module.optimizers``) rebuild.
     """
 
     def __init__(
@@ -123,9 +124,6 @@ class GAN(nn.Module):
         if self.ema_decay >= 1.0:
             raise ConfigError("ema_decay", ema_decay, "must be < 1 (0 turns the average off)")
         self.truncation = None if truncation is None else check_truncation(truncation)
-        self.grad_clip = None if grad_clip is None else check_float("grad_clip", grad_clip, positive=True)
-        self.g_optimizer = self._optimizer_args("g_optimizer", g_optimizer)
-        self.d_optimizer = self._optimizer_args("d_optimizer", d_optimizer)
 
         self.generator = DCGANGenerator(z_dim, image_size, channels, g_base_channels)
         self.discriminator = DCGANDiscriminator(
@@ -138,14 +136,6 @@ class GAN(nn.Module):
                 self.generator, multi_avg_fn=ema_update(self.ema_decay), use_buffers=True
             )
             self.generator_ema.requires_grad_(False)  # not trained; also keeps DDP from waiting on it
-
-    @staticmethod
-    def _optimizer_args(key: str, value) -> dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(key, value, "must be a mapping of optimizer arguments, e.g. {lr: 2e-4}")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}  # a copy
 
     # ---------------------------------------------------------------- noise, G and D on [0, 1] data
     def noise(

@@ -18,8 +18,8 @@ from torch import nn
 
 from genexp.diffusion.gaussian_diffusion import GaussianDiffusion
 from genexp.diffusion.noise_schedule import NoiseSchedule
-from genexp.errors import ConfigError
-from genexp.models.base import LossOutput
+from genexp.errors import ConfigError, check_int
+from genexp.models.base import Autoencoding, LossOutput
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class LDM(nn.Module):
     net: ``dim -> denoiser`` (a ``_partial_`` from the config, e.g. :class:`TimeMLP`), built for the
         first stage's latent size.
     schedule, sampler, objective, loss_weighting, min_snr_gamma: see :class:`GaussianDiffusion`.
+    calibration_images: how many fixed training images measure the latents' statistics before
+        training (:meth:`prepare`); a resumed run keeps the statistics it measured.
     """
 
     def __init__(
@@ -42,12 +44,14 @@ class LDM(nn.Module):
         objective: str = "eps",
         loss_weighting: str = "simple",
         min_snr_gamma: float = 5.0,
+        calibration_images: int = 2048,
     ):
         super().__init__()
-        if not all(hasattr(first_stage, a) for a in ("encode", "decode", "latent_dim")):
+        if not isinstance(first_stage, Autoencoding):
             raise ConfigError(
                 "first_stage", type(first_stage).__name__, "must be an AE or VAE (encode, decode, latent_dim)"
             )
+        self.calibration_images = check_int("calibration_images", calibration_images, minimum=2)
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.latent_dim = int(first_stage.latent_dim)
         self.diffusion = GaussianDiffusion(
@@ -69,8 +73,15 @@ class LDM(nn.Module):
     @torch.no_grad()
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, latent_dim) first-stage codes (a VAE's posterior mean)."""
-        z = self.first_stage.encode(x)
-        return (z[0] if isinstance(z, tuple) else z).float()
+        return self.first_stage.encode(x).float()
+
+    @torch.no_grad()
+    def prepare(self, datamodule) -> None:
+        """Before fit: standardise by the latents of ``calibration_images`` fixed training images
+        (the same images on every rank); a resumed run keeps the statistics it measured."""
+        if not self.calibrated:
+            x, _ = datamodule.fixed_batch("train", self.calibration_images)
+            self.calibrate(x.to(self.latent_shift.device))
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
@@ -90,7 +101,7 @@ class LDM(nn.Module):
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput:
-        if not self.calibrated:  # the runner calibrates on a larger training batch before fit
+        if not self.calibrated:  # prepare() measured a larger training batch before fit
             self.calibrate(x)
         z = (self.encode_latents(x) - self.latent_shift) * self.latent_scale
         loss, logs = self.diffusion.training_loss(z.to(x.dtype))

@@ -75,10 +75,14 @@ class VAE(nn.Module):
     def num_dims(self) -> int:
         return self.channels * self.image_size * self.image_size
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) -> posterior mean and log-variance, (B, latent_dim) each."""
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> q(z|x)'s mean and log-variance, (B, latent_dim) each."""
         mu, logvar = upcast(self.encoder(x)).chunk(2, dim=-1)
         return mu, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the posterior mean (B, latent_dim): the code (the contract's ``encode``)."""
+        return self.posterior(x)[0]
 
     def current_beta(self) -> float:
         if self.kl_warmup_steps == 0:
@@ -86,7 +90,7 @@ class VAE(nn.Module):
         return self.beta * min(1.0, (int(self.num_steps) + 1) / self.kl_warmup_steps)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> LossOutput:
-        mu, logvar = self.encode(x)
+        mu, logvar = self.posterior(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         out = upcast(self.decoder(z))
         log_px = self.likelihood.log_prob(out, x).flatten(1).sum(1)  # (B,) nats
@@ -111,7 +115,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def nll_bpd(self, x: torch.Tensor) -> torch.Tensor:
         """Upper bound on bits/dim of the 8-bit images x, per image: (B, C, H, W) -> (B,)."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.posterior(x)
         if self.nll_samples == 1:
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             log_pmf = self.likelihood.log_pmf(upcast(self.decoder(z)), x).flatten(1).sum(1)
@@ -135,8 +139,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean: (B, C, H, W) -> (B, C, H, W) in [0, 1]."""
-        mu, _ = self.encode(x)
-        return self.decode(mu)
+        return self.decode(self.encode(x))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
