@@ -75,9 +75,9 @@ def train_app(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="sample")
 def sample_app(cfg: DictConfig) -> None:
-    from genexp.commands.sample import sample
+    from genexp.commands import sample
 
-    result = _guard(sample, cfg)
+    result = _guard(sample.run, cfg)
     print(f"{result.num_samples} samples of {result.description}")
     print(f"{result.samples_per_sec:.1f} samples/s on {result.device}")
     print(result.png)
@@ -86,9 +86,10 @@ def sample_app(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="evaluate")
 def evaluate_app(cfg: DictConfig) -> None:
-    from genexp.commands.evaluate import evaluate, format_metrics
+    from genexp.commands import evaluate
+    from genexp.evaluation import format_metrics
 
-    evaluation, path = _guard(evaluate, cfg)
+    evaluation, path = _guard(evaluate.run, cfg)
     print(format_metrics(evaluation["metrics"]))
     print(path)
 
@@ -97,7 +98,7 @@ def evaluate_app(cfg: DictConfig) -> None:
 def compare_app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from genexp.commands.compare import compare
+    from genexp.commands import compare
     from genexp.resume import override_key
 
     hydra_cfg = HydraConfig.get()
@@ -110,7 +111,7 @@ def compare_app(cfg: DictConfig) -> None:
     group_args += [
         o for o in hydra_cfg.overrides.task if override_key(o).startswith(("dataset.", "sampler."))
     ]
-    result = _guard(compare, cfg, group_args)
+    result = _guard(compare.run, cfg, group_args)
     print(
         f"{len(result.jobs)} runs: {len(result.trained)} trained, {len(result.skipped)} skipped, "
         f"{len(result.failed)} failed, {len(result.evaluated)} evaluated"

@@ -53,7 +53,8 @@ def test_evaluate_writes_every_metric_with_its_provenance(runs, tmp_path):
         m["eval/bpd_num_images"] == 16 and m["eval/speed_device"] == "cpu" and m["eval/speed_batch_size"] == 8
     )
     p = evaluation["provenance"]
-    assert p["checkpoint"] == str(run / "checkpoints" / "last.ckpt") and p["global_step"] == 3
+    # a run dir means its best weights, the ones metrics.json's test scored (genexp.checkpoints.weights_of)
+    assert p["checkpoint"] == str(run / "checkpoints" / "best.ckpt") and p["global_step"] == 3
     assert p["family"] == "vae" and p["device"] == "cpu" and p["seed"] == 0 and p["reference_split"] == "test"
     assert p["feature_extractor"]["trained"] is True and 0 <= p["feature_extractor"]["accuracy"] <= 1
     assert evaluation["settings"]["num_samples"] == 32
@@ -85,6 +86,28 @@ def test_bad_settings_are_refused(runs):
         evaluate(compose_app("evaluate", [f"ckpt={runs['vae']}", "eval.reference=dev"]))
     with pytest.raises(GenexpError, match="temperature=0.5: vae sampling takes no temperature"):
         evaluate(compose_app("evaluate", [f"ckpt={runs['vae']}", "temperature=0.5", *FAST]))
+
+
+def test_evaluate_and_compare_share_the_eval_group_defaults():
+    """One place for the evaluation defaults: ``configs/eval/`` holds every setting (EvalSettings has
+    no defaults of its own to disagree with it); compare picks its smaller ``eval/quick``."""
+    import dataclasses
+
+    import yaml
+
+    from genexp.evaluation import EvalSettings, settings_from_config
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "eval"
+    group = yaml.safe_load((folder / "default.yaml").read_text())
+    keys = {k for k in group if k != "eval"} | set(group["eval"])
+    fields = {f.name: f for f in dataclasses.fields(EvalSettings)}
+    assert keys | {"sampler", "temperature", "truncation"} == set(fields)  # those: evaluate's sample options
+    assert all(fields[k].default is dataclasses.MISSING for k in keys), "a default outside configs/eval/"
+    full = settings_from_config(compose_app("evaluate", []))
+    quick = settings_from_config(compose_app("compare", []))
+    assert full.num_samples == 10000 and quick.num_samples == 1000 and "recon" not in quick.metrics
+    assert settings_from_config(compose_app("compare", ["eval=default"])).fingerprint() == full.fingerprint()
+    assert settings_from_config(compose_app("evaluate", ["eval.num_samples=64"])).num_samples == 64
 
 
 def test_missing_inception_weights_fail_with_one_line(runs, tmp_path):

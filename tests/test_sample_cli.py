@@ -72,7 +72,8 @@ def test_sample_every_family_from_its_run_dir(family, runs, tmp_path):
         and meta["seed"] == 0
         and meta["model"].split(".")[-1].lower() == family.replace("_", "")
     )
-    assert meta["checkpoint"] == str(runs[family] / "checkpoints" / "last.ckpt")
+    # a run dir means its best weights (what the run's own test scored): genexp.checkpoints.weights_of
+    assert meta["checkpoint"] == str(runs[family] / "checkpoints" / "best.ckpt")
     assert result.samples_per_sec > 0 and meta["device"] == "cpu"
 
     # the family's own options: temperature (flows, autoregressive), truncation (GAN), another sampler (diffusion)
@@ -135,8 +136,8 @@ def test_cli_writes_into_the_run_dir_and_prints_the_rate(runs, tmp_path):
     bad = genexp("sample", f"ckpt={run}", "temperature=0.7", "name=never", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
-        "genexp: error: temperature=0.7: ae sampling takes no temperature (it applies to flows and autoregressive models: "
-        "realnvp, glow, pixelcnn, pixel_transformer)"
+        "genexp: error: temperature=0.7: ae sampling takes no temperature (it applies to "
+        "glow, pixel_transformer, pixelcnn, realnvp)"
     ]
     assert not (run / "samples" / "never.png").exists()
 

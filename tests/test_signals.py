@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import TINY, TINY_MODEL, compose_cfg
 
-from genexp.commands.compare import needs_first_stage
 from genexp.commands.train import train
+from genexp.families import get as family
 
 # a few seconds on a busy 2-core machine; the old behaviour ran on for the whole phase (60 s pauses)
 PROMPT_S = 12.0
@@ -218,4 +218,5 @@ def test_compare_refuses_bad_keys_in_one_line_before_training(arg, message, tmp_
 
 
 def test_which_families_need_a_first_stage_is_read_from_their_configs():
-    assert needs_first_stage("ldm") and not needs_first_stage("vae") and not needs_first_stage("ddpm")
+    assert family("ldm").needs_first_stage and not family("vae").needs_first_stage
+    assert not family("ddpm").needs_first_stage

@@ -516,7 +516,7 @@ def test_evaluate_write_failure_and_a_corrupt_metrics_json(runs, tmp_path, monke
     def full(path, payload):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("genexp.commands.evaluate.write_json", full)
+    monkeypatch.setattr("genexp.atomic.write_json", full)
     with pytest.raises(GenexpError) as err:
         evaluate(compose_app("evaluate", [f"ckpt={run}", *fast, f"out={tmp_path / 'e.json'}"]))
     assert one_line(err) == (

@@ -25,48 +25,26 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from genexp import atomic
+from genexp import atomic, families, layout
 from genexp.errors import GenexpError
 from genexp.signals import Interrupted, block, signal_name
 
 log = logging.getLogger("genexp")
 
-FAILED = "compare_failed.json"
+FAILED = layout.COMPARE_FAILED
 MAX_SEEDS = 1000
 MAX_BUDGET_MINUTES = 14 * 24 * 60  # two weeks a run: beyond that a typo, not a plan
 # seconds a stopped compare gives its training run to save last.ckpt (SLURM kills 30 s after SIGTERM)
 STOP_GRACE_S = 20.0
 
 
-def model_options() -> list[str]:
-    """The options of the installed ``model/`` config group (every family there is, now)."""
-    folder = resources.files("genexp.configs") / "model"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def needs_first_stage(family: str) -> bool:
-    """Whether the family trains on a first stage's latents (latent diffusion), read from its config:
-    its ``family.needs_first_stage`` flag, else a ``model.first_stage`` that the option leaves null
-    (required)."""
-    import yaml
-
-    text = (resources.files("genexp.configs") / "model" / f"{family}.yaml").read_text()
-    node = yaml.safe_load(text) or {}
-    flag = (node.get("family") or {}).get("needs_first_stage")
-    if flag is not None:
-        return bool(flag)
-    model = node.get("model") or {}
-    return "first_stage" in model and model["first_stage"] is None
-
-
 def default_families() -> list[str]:
     """Every model option but those that need a first stage (compare trains one stage per run)."""
-    return [f for f in model_options() if not needs_first_stage(f)]
+    return [name for name in families.names() if not families.get(name).needs_first_stage]
 
 
 def max_time(minutes: float) -> str:
@@ -90,16 +68,16 @@ class Job:
 
     def state(self) -> str:
         """``finished`` | ``failed`` | ``partial`` (has a checkpoint) | ``new``."""
-        if (self.run_dir / "metrics.json").is_file():
+        if (self.run_dir / layout.METRICS_JSON).is_file():
             return "finished"
         if (self.run_dir / FAILED).is_file():
             return "failed"
-        if (self.run_dir / "checkpoints" / "last.ckpt").is_file():
+        if layout.last_ckpt(self.run_dir).is_file():
             return "partial"
         return "new"
 
     def started(self) -> bool:
-        return (self.run_dir / ".hydra").is_dir()
+        return (self.run_dir / layout.HYDRA_DIR).is_dir()
 
 
 def genexp_command() -> list[str]:
@@ -244,99 +222,101 @@ def check_config(cfg: DictConfig) -> tuple[list[str], list[int]]:
             f"budget_minutes={budget}: must be a number of minutes above 0 and at most "
             f"{MAX_BUDGET_MINUTES} (two weeks); e.g. budget_minutes=5"
         )
-    families = parse_families(cfg.get("families"))
+    chosen = parse_families(cfg.get("families"))
     extra = train_args(cfg.get("train_args"))
-    staged = [f for f in families if needs_first_stage(f)]
+    staged = [f for f in chosen if families.get(f).needs_first_stage]
     given = any(a.lstrip("+").startswith("model.first_stage=") for a in extra)
-    if staged and not (given and len(families) == 1):
+    if staged and not (given and len(chosen) == 1):
         raise GenexpError(
-            f"families=[{','.join(families)}]: {', '.join(staged)} needs a trained first stage (model.first_stage), "
+            f"families=[{','.join(chosen)}]: {', '.join(staged)} needs a trained first stage (model.first_stage), "
             "which compare does not train; train both stages with genexp train experiment=ldm_two_stage, "
             f"or compare it alone on one: families=[{staged[0]}] train_args='model.first_stage=<AE/VAE run dir>'"
         )
-    return families, list(range(seeds))
+    return chosen, list(range(seeds))
 
 
 def parse_families(value) -> list[str]:
     """``families``: a list or a comma-separated string of ``model/`` options (null: the defaults)."""
-    options = model_options()
+    options = families.names()
     if value is None:
         return default_families()
     if isinstance(value, str):
-        families = [f.strip() for f in value.split(",") if f.strip()]
+        chosen = [f.strip() for f in value.split(",") if f.strip()]
     elif OmegaConf.is_list(value) or isinstance(value, list | tuple):
-        families = [str(f) for f in value]
+        chosen = [str(f) for f in value]
     else:
-        families = [str(value)]
-    unknown = [f for f in families if f not in options]
-    if unknown or not families:
+        chosen = [str(value)]
+    unknown = [f for f in chosen if f not in options]
+    if unknown or not chosen:
+        defaults = default_families()
+        example = f"{defaults[0]},{defaults[-1]}"  # two of them, the first and the last
         raise GenexpError(
-            f"families=[{','.join(families)}]: {', '.join(unknown) or 'empty'} is not a model option; "
-            f"pick from {', '.join(options)}, e.g. families=[ae,vae]"
+            f"families=[{','.join(chosen)}]: {', '.join(unknown) or 'empty'} is not a model option; "
+            f"pick from {', '.join(options)}, e.g. families=[{example}]"
         )
-    return list(dict.fromkeys(families))
+    return list(dict.fromkeys(chosen))
+
+
+def sweep(new: list[Job], common: list[str]) -> list[str]:
+    """Train ``new`` (a full family x seed grid) as one Hydra multirun; return the finished names.
+    A job the sweep started but did not finish is marked failed; unstarted ones are left new."""
+    names = list(dict.fromkeys(j.family for j in new))
+    seeds = list(dict.fromkeys(j.seed for j in new))
+    code, tail = run_logged(
+        [
+            *genexp_command(),
+            "train",
+            "-m",
+            f"model={','.join(names)}",
+            f"seed={','.join(map(str, seeds))}",
+            *common,
+            f"hydra.sweep.dir={new[0].run_dir.parent}",
+            "hydra.sweep.subdir=${hydra:runtime.choices.model}-seed${seed}",
+        ],
+        f"training {len(new)} runs ({', '.join(names)} x seeds {', '.join(map(str, seeds))})",
+    )
+    if code and interrupted(code):
+        raise GenexpError("training was interrupted; run the same command again to resume")
+    trained = []
+    for job in new:
+        if job.state() == "finished":
+            trained.append(job.name)
+        elif code and job.started():  # this job stopped the sweep (or failed within it)
+            mark_failed(job, code, error_line(tail))
+    return trained
+
+
+def train_one(job: Job, common: list[str]) -> bool:
+    """Resume a partial run or train a new one alone; True when it finished. A run that failed is
+    marked; one refused before its run dir existed means the command itself is wrong (raised)."""
+    if job.state() == "partial":
+        cmd, label = [*genexp_command(), "train", f"ckpt_path={job.run_dir}"], f"resuming {job.name}"
+    else:
+        args = [f"model={job.family}", f"seed={job.seed}", *common, f"hydra.run.dir={job.run_dir}"]
+        cmd, label = [*genexp_command(), "train", *args], f"training {job.name}"
+    code, tail = run_logged(cmd, label)
+    if code and interrupted(code):
+        raise GenexpError("training was interrupted; run the same command again to resume")
+    if job.state() == "finished":
+        return True
+    if not job.started():
+        raise GenexpError(f"training {job.name} did not start: {error_line(tail)}")
+    mark_failed(job, code, error_line(tail))
+    return False
 
 
 def train_jobs(cfg: DictConfig, jobs: list[Job], common: list[str]) -> tuple[list[str], list[str]]:
     """Train what is not finished; return (trained, failed) run names."""
-    trained: list[str] = []
-    retry = bool(cfg.get("retry_failed"))
-    for job in jobs:
-        if job.state() == "failed" and retry:
-            (job.run_dir / FAILED).unlink()
-    cli = genexp_command()
-
+    if cfg.get("retry_failed"):
+        for job in jobs:
+            if job.state() == "failed":
+                (job.run_dir / FAILED).unlink()
     new = [j for j in jobs if j.state() == "new"]
-    families = list(dict.fromkeys(j.family for j in new))
-    seeds = list(dict.fromkeys(j.seed for j in new))
-    if new and len(new) == len(families) * len(seeds):  # a full grid: one Hydra multirun
-        runs = new[0].run_dir.parent
-        code, tail = run_logged(
-            [
-                *cli,
-                "train",
-                "-m",
-                f"model={','.join(families)}",
-                f"seed={','.join(map(str, seeds))}",
-                *common,
-                f"hydra.sweep.dir={runs}",
-                "hydra.sweep.subdir=${hydra:runtime.choices.model}-seed${seed}",
-            ],
-            f"training {len(new)} runs ({', '.join(families)} x seeds {', '.join(map(str, seeds))})",
-        )
-        if code and interrupted(code):
-            raise GenexpError("training was interrupted; run the same command again to resume")
-        for job in new:
-            if job.state() == "finished":
-                trained.append(job.name)
-            elif code and job.started():  # this job stopped the sweep (or failed within it)
-                mark_failed(job, code, error_line(tail))
-
+    grid = len({j.family for j in new}) * len({j.seed for j in new})
+    trained = sweep(new, common) if new and len(new) == grid else []
     for job in jobs:  # interrupted runs, and what a failed sweep left unstarted
-        state = job.state()
-        if state == "partial":
-            cmd, label = [*cli, "train", f"ckpt_path={job.run_dir}"], f"resuming {job.name}"
-        elif state == "new":
-            cmd = [
-                *cli,
-                "train",
-                f"model={job.family}",
-                f"seed={job.seed}",
-                *common,
-                f"hydra.run.dir={job.run_dir}",
-            ]
-            label = f"training {job.name}"
-        else:
-            continue
-        code, tail = run_logged(cmd, label)
-        if code and interrupted(code):
-            raise GenexpError("training was interrupted; run the same command again to resume")
-        if job.state() == "finished":
+        if job.state() in ("partial", "new") and train_one(job, common):
             trained.append(job.name)
-        elif not job.started():  # refused before a run dir existed: the command itself is wrong
-            raise GenexpError(f"training {job.name} did not start: {error_line(tail)}")
-        else:
-            mark_failed(job, code, error_line(tail))
     failed = [j.name for j in jobs if j.state() == "failed"]
     return trained, failed
 
@@ -344,32 +324,26 @@ def train_jobs(cfg: DictConfig, jobs: list[Job], common: list[str]) -> tuple[lis
 def up_to_date(job: Job, fingerprint: dict) -> bool:
     """An ``evaluation.json`` with these settings, newer than the run's checkpoint, and merged into
     its ``metrics.json`` (which a resumed run rewrites)."""
-    path = job.run_dir / "evaluation.json"
-    ckpt = job.run_dir / "checkpoints" / "last.ckpt"
+    path = job.run_dir / layout.EVALUATION_JSON
+    ckpt = layout.last_ckpt(job.run_dir)
     if not path.is_file() or not ckpt.is_file():
         return False
     try:
         stored = json.loads(path.read_text()).get("settings")
-        merged = "eval" in json.loads((job.run_dir / "metrics.json").read_text())
+        merged = "eval" in json.loads((job.run_dir / layout.METRICS_JSON).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return stored == fingerprint and merged and path.stat().st_mtime >= ckpt.stat().st_mtime
 
 
 def has_sampler(job: Job) -> bool:
-    """Whether the run's family has a ``model.sampler`` (diffusion)."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((job.run_dir / ".hydra" / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return "sampler" in (config.get("model") or {})
+    """Whether the run's family takes a ``sampler`` (diffusion: a ``model.sampler`` node)."""
+    return "sampler" in families.get(job.family).sample_options
 
 
 def evaluate_jobs(cfg: DictConfig, jobs: list[Job]) -> list[str]:
     """Evaluate every finished run whose evaluation is missing or stale; return the names evaluated."""
-    from genexp.commands.evaluate import evaluate_checkpoint, settings_from_config, write_json
+    from genexp.evaluation import evaluate_checkpoint, settings_from_config
 
     chosen = settings_from_config(cfg)
     done = []
@@ -387,11 +361,11 @@ def evaluate_jobs(cfg: DictConfig, jobs: list[Job]) -> list[str]:
         except (GenexpError, RuntimeError, ValueError) as err:  # e.g. a diverged model's NaN samples
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             log.warning("%s: evaluation failed: %s", job.name, first)
-            write_json(job.run_dir / "evaluation.json", {"error": first, "settings": fingerprint})
+            atomic.write_json(job.run_dir / layout.EVALUATION_JSON, {"error": first, "settings": fingerprint})
     return done
 
 
-def compare(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResult:
+def run(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResult:
     """Run ``genexp compare`` from its composed config (``configs/compare.yaml``).
 
     Args:
@@ -401,13 +375,13 @@ def compare(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResu
     """
     from genexp.commands.report import write_report
 
-    families, seeds = check_config(cfg)
+    chosen, seeds = check_config(cfg)
     group_args = list(group_args or ["dataset=mnist5k", "accelerator=auto"])
     dataset = next((a.split("=", 1)[1] for a in group_args if a.startswith("dataset=")), "mnist5k")
     out = Path(cfg.out).expanduser() if cfg.get("out") else Path("compare") / dataset
     out = out.resolve()
     runs = out / "runs"
-    jobs = [Job(f, s, runs / f"{f}-seed{s}") for f, s in itertools.product(families, seeds)]
+    jobs = [Job(f, s, runs / f"{f}-seed{s}") for f, s in itertools.product(chosen, seeds)]
     common = [
         *group_args,
         "logger=csv",
@@ -436,7 +410,7 @@ def compare(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResu
     evaluated = evaluate_jobs(cfg, jobs)
     meta = {
         "dataset": dataset,
-        "families": families,
+        "families": chosen,
         "seeds": seeds,
         "budget_minutes": float(cfg.budget_minutes),
         "train_overrides": common,
@@ -445,3 +419,6 @@ def compare(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResu
     atomic.write_json(out / "compare.json", meta)
     html, markdown = write_report(out, out / "report")
     return CompareResult(out, jobs, trained, skipped, failed, evaluated, html, markdown)
+
+
+compare = run  # the name tests and scripts call

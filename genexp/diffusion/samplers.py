@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from genexp.checks import check_bool
 from genexp.diffusion.likelihood import VARIANCES, p_mean_variance
 from genexp.diffusion.noise_schedule import NoiseSchedule
 from genexp.errors import ConfigError, check_choice, check_float, check_int
@@ -28,12 +29,6 @@ def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def _check_bool(key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, value, "must be true or false")
-    return value
 
 
 class Sampler:
@@ -82,7 +77,7 @@ class DDPMSampler(Sampler):
 
     def __init__(self, schedule: NoiseSchedule, variance: str = "beta_tilde", clip_denoised: bool = True):
         self.variance = check_choice("variance", variance, tuple(VARIANCES))
-        self.clip_denoised = _check_bool("clip_denoised", clip_denoised)
+        self.clip_denoised = check_bool("clip_denoised", clip_denoised)
         super().__init__(schedule, torch.arange(schedule.timesteps - 1, -1, -1, dtype=torch.long))
 
     def step(self, model_out, t, x_t, generator=None):
@@ -119,7 +114,7 @@ class DDIMSampler(Sampler):
         if steps > schedule.timesteps:
             raise ConfigError("steps", steps, f"must be <= the schedule's timesteps ({schedule.timesteps})")
         self.eta = check_float("eta", eta, minimum=0.0, maximum=1.0)
-        self.clip_denoised = _check_bool("clip_denoised", clip_denoised)
+        self.clip_denoised = check_bool("clip_denoised", clip_denoised)
         spaced = torch.linspace(schedule.timesteps - 1, 0, steps, dtype=torch.float64).round().long()
         super().__init__(schedule, spaced)
 

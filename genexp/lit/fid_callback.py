@@ -1,88 +1,23 @@
 """``val/fid`` during training: FID of a fixed number of samples against a real split, every N epochs.
 
-Also home of :func:`sample_uint8`, the one sampling loop that ``genexp sample``, ``genexp evaluate``
-and this callback share, so a grid, an ``.npz`` and the images scored by FID are quantised alike.
+The sampling loop and the feature extractor are the pure-torch ones ``genexp evaluate`` uses
+(:mod:`genexp.metrics.sampling`, :mod:`genexp.metrics.features`), so the numbers compare.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
 
+from genexp.data.base import Splits
 from genexp.errors import check_choice, check_int
+from genexp.metrics.features import FEATURES, default_cache_dir, feature_extractor
+from genexp.metrics.sampling import sample_uint8
 
 log = logging.getLogger("genexp")
-
-FEATURES = ("classifier", "inception")
-SPLITS = ("train", "val", "test")
-
-
-class Samples(NamedTuple):
-    images: torch.Tensor  # (N, C, H, W) uint8 on the CPU: k = round(255 x)
-    nonfinite: int  # samples that held a NaN or an infinity (drawn as 0 there)
-
-
-@torch.no_grad()
-def sample_uint8(
-    model: torch.nn.Module,
-    n: int,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    **kwargs,
-) -> Samples:
-    """Draw ``n`` samples in batches as 8-bit images, the data's own quantisation.
-
-    Args:
-        model: a family in eval mode (``sample(n, generator, **kwargs)`` in [0, 1]).
-        generator: one generator for all batches, so a seed fixes the whole set (for a given batch size).
-        progress: a tqdm bar on stderr (only drawn in a terminal).
-        kwargs: extra arguments of the family's ``sample`` (``temperature``, ``truncation``).
-    """
-    from tqdm.auto import tqdm
-
-    out, nonfinite = [], 0
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress or None, leave=False):
-        x = model.sample(min(batch_size, n - start), generator=generator, **kwargs).float()
-        bad = ~torch.isfinite(x)
-        nonfinite += int(bad.flatten(1).any(1).sum())
-        x = x.masked_fill(bad, 0.0).clamp(0, 1)
-        out.append(x.mul(255).round().to(torch.uint8).cpu())
-    return Samples(torch.cat(out), nonfinite)
-
-
-def default_cache_dir() -> Path:
-    """``$GENEXP_CACHE`` or ``~/.cache/genexp`` (the ``paths.cache_dir`` default)."""
-    return Path(os.environ.get("GENEXP_CACHE") or "~/.cache/genexp").expanduser()
-
-
-def feature_extractor(
-    features: str,
-    source,
-    cache_dir: Path,
-    device: str,
-    classifier_epochs: int = 5,
-    seed: int = 0,
-    inception_weights: str | None = None,
-):
-    """(extractor, info) for ``features=classifier|inception``; info records how it was made."""
-    if features == "inception":  # never downloads: a missing or wrong file is a one-line GenexpError
-        from genexp.metrics.features import inception_features
-
-        extractor = inception_features(inception_weights).to(device)
-        return extractor, {"features": extractor.name, "weights": str(inception_weights)}
-    from genexp.metrics.features import classifier_features
-
-    extractor, info = classifier_features(
-        source, cache_dir, device=device, epochs=classifier_epochs, seed=seed
-    )
-    return extractor, dict(info)
 
 
 class FIDCallback(pl.Callback):
@@ -121,7 +56,7 @@ class FIDCallback(pl.Callback):
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=0)
         self.num_samples = check_int("num_samples", num_samples, minimum=4)
         self.features = check_choice("features", features, FEATURES)
-        self.reference = check_choice("reference", reference, SPLITS)
+        self.reference = check_choice("reference", reference, Splits._fields)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.seed = check_int("seed", seed, minimum=0)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -139,7 +74,7 @@ class FIDCallback(pl.Callback):
         pl_module.log("val/fid", float(fid), on_step=False, on_epoch=True, sync_dist=False)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        from genexp.metrics.fidelity import evaluate_fidelity
+        from genexp.metrics.fidelity import evaluate_fidelity  # torchmetrics: only when FID is due
 
         datamodule = trainer.datamodule
         datamodule.setup()

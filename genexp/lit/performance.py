@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from genexp.checks import check_bool
 from genexp.errors import ConfigError, GenexpError, check_choice
 from genexp.lit.compat import fused_devices
 
@@ -36,12 +37,6 @@ def normalize_precision(key: str, value) -> str:
     if text not in PRECISIONS:
         raise ConfigError(key, value, f"must be one of {', '.join(PRECISIONS)}")
     return text
-
-
-def check_bool(key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, value, "must be true or false")
-    return value
 
 
 def cuda_has_bf16() -> bool:

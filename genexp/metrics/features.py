@@ -39,6 +39,12 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 # bump when SmallCNN or its training changes, so old caches are not reused
 CLASSIFIER_VERSION = 1
+FEATURES = ("classifier", "inception")  # the features= options
+
+
+def default_cache_dir() -> Path:
+    """``$GENEXP_CACHE`` or ``~/.cache/genexp`` (the ``paths.cache_dir`` default)."""
+    return Path(os.environ.get("GENEXP_CACHE") or "~/.cache/genexp").expanduser()
 
 
 def as_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -224,6 +230,25 @@ def save_atomic(blob: dict, path: Path) -> None:
     atomic.save_cache(blob, path, "cache", "going on without it")
 
 
+def _classifier_blob(
+    model: SmallCNN, acc: float, key: str, source, epochs: int, seed: int, num_train: int, num_test: int
+) -> dict:
+    """The cache file's contents: the weights plus what :func:`_load_classifier` checks and rebuilds from."""
+    return {
+        "version": CLASSIFIER_VERSION,
+        "key": key,
+        "arguments": model.arguments(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "accuracy": acc,
+        "num_classes": model.num_classes,
+        "image_size": source.image_size,
+        "epochs": epochs,
+        "seed": seed,
+        "num_train": num_train,
+        "num_test": num_test,
+    }
+
+
 def classifier_features(
     source, cache_dir: str | os.PathLike, device: str | torch.device = "cpu", epochs: int = 5, seed: int = 0
 ) -> tuple[ClassifierFeatures, dict]:
@@ -259,36 +284,39 @@ def classifier_features(
     path = cache_dir / "classifier" / f"{key}.pt"
 
     cached = _load_classifier(path, key)
-    trained = cached is None
     if cached is None:
         log.info("training the feature classifier %s on %d labelled images", key, len(train_x))
         model, acc = train_classifier(
             train_x, train_y, test_x, test_y, epochs=epochs, seed=seed, device=device
         )
-        save_atomic(
-            {
-                "version": CLASSIFIER_VERSION,
-                "key": key,
-                "arguments": model.arguments(),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "accuracy": acc,
-                "num_classes": model.num_classes,
-                "image_size": source.image_size,
-                "epochs": epochs,
-                "seed": seed,
-                "num_train": len(train_x),
-                "num_test": len(test_x),
-            },
-            path,
-        )
+        save_atomic(_classifier_blob(model, acc, key, source, epochs, seed, len(train_x), len(test_x)), path)
     else:
         model, acc = cached
     extractor = ClassifierFeatures(model, key, source.image_size).to(device)
     log.info("feature classifier %s: test accuracy %.4f (%s)", key, acc, path)
-    info = {"features": extractor.name, "accuracy": acc, "cache": str(path), "trained": trained}
+    info = {"features": extractor.name, "accuracy": acc, "cache": str(path), "trained": cached is None}
     return extractor, info
 
 
 def classifier_accuracy(extractor: ClassifierFeatures, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy of the extractor's classifier on uint8 images: re-checks a cached accuracy."""
     return accuracy(extractor.model, images, labels)
+
+
+def feature_extractor(
+    features: str,
+    source,
+    cache_dir: Path,
+    device: str,
+    classifier_epochs: int = 5,
+    seed: int = 0,
+    inception_weights: str | None = None,
+) -> tuple[FeatureExtractor, dict]:
+    """(extractor, info) for ``features=classifier|inception``; info records how it was made."""
+    if features == "inception":  # never downloads: a missing or wrong file is a one-line GenexpError
+        extractor = inception_features(inception_weights).to(device)
+        return extractor, {"features": extractor.name, "weights": str(inception_weights)}
+    extractor, info = classifier_features(
+        source, cache_dir, device=device, epochs=classifier_epochs, seed=seed
+    )
+    return extractor, dict(info)

@@ -20,3 +20,14 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, fl
     err = (x.to(dtype) - x_hat.to(dtype)).pow(2).flatten(1).mean(1)  # (N,) per-image MSE
     psnr = -10.0 * torch.log10(err.clamp_min(MSE_FLOOR))
     return {"mse": float(err.mean()), "psnr": float(psnr.mean())}
+
+
+@torch.no_grad()
+def reconstruction(model, images: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
+    """:func:`reconstruction_metrics` of the family's ``reconstruct`` on uint8 images (N, C, H, W), in batches."""
+    xs, x_hats = [], []
+    for part in images.split(batch_size):
+        x = part.to(device).float().div_(255.0)
+        xs.append(x.cpu())
+        x_hats.append(model.reconstruct(x).float().clamp(0, 1).cpu())
+    return reconstruction_metrics(torch.cat(xs), torch.cat(x_hats))

@@ -1,0 +1,107 @@
+"""Sampling a trained run: the device, the model rebuilt with the chosen sampler, the ``sample`` options.
+
+What ``genexp sample`` and ``genexp evaluate`` share, so both read the same checkpoint the same way
+and refuse the same options in the same words. The loop itself is :mod:`genexp.metrics.sampling`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from genexp import families
+from genexp.checkpoints import LoadedModel, MissingNode, load_model, run_dir_of
+from genexp.checks import check_finite, user
+from genexp.errors import GenexpError, check_choice
+
+DEVICES = ("auto", "cpu", "cuda")
+TEMPERATURE_FIX = "pass temperature=<T >= 0> (0: the most likely value, 1: the model's own distribution)"
+TRUNCATION_FIX = "pass truncation=<t > 0>, e.g. 1.5, or leave it out for untruncated noise"
+
+
+def resolve_device(value: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``/``cuda:N`` (N a device here)."""
+    value = str(value)
+    if value != "auto" and not value.startswith("cuda:"):
+        user(lambda: check_choice("device", value, DEVICES))
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise GenexpError(f"device={value}: no CUDA device here; use device=cpu or device=auto")
+    index = value.partition(":")[2]
+    count = torch.cuda.device_count() if index else 0
+    if index and not (index.isdigit() and int(index) < count):
+        raise GenexpError(
+            f"device={value}: no such CUDA device (this machine has {count}); use device=cuda or "
+            f"device=cuda:<0..{count - 1}>"
+        )
+    return torch.device(value)
+
+
+def family_name(config: DictConfig) -> str:
+    """The model option a run was trained with (``vae``), from its stored model node; a family from
+    outside genexp's configs is named after its class (``genexp.models.vae.VAE`` -> ``vae``)."""
+    family = families.of_model_config(config.model)
+    return family.name if family else str(config.model.get("_target_", "?")).rsplit(".", 1)[-1].lower()
+
+
+def output_dir(path: Path) -> Path:
+    """Where a checkpoint's samples and evaluation go by default: its run dir, or the folder of a
+    .ckpt kept outside one."""
+    return run_dir_of(path) or path.parent
+
+
+def load_for_sampling(ckpt: str, sampler: dict | None = None) -> LoadedModel:
+    """The model of ``ckpt``; ``sampler`` (a ``sampler/`` node) replaces the run's ``model.sampler``.
+
+    The node replaces the stored one as a whole (another sampler class takes other arguments: DDPM's
+    ``variance`` is not DDIM's); the model is built once, with it.
+    """
+    if sampler is None:
+        return load_model(ckpt)
+    try:
+        return load_model(ckpt, {"model.sampler": sampler})
+    except MissingNode as err:
+        raise GenexpError(
+            f"sampler: {family_name(err.config)} has no sampler to choose (only diffusion families "
+            "have a model.sampler); drop the sampler option"
+        ) from None
+
+
+def sample_kwargs(loaded: LoadedModel, temperature: Any, truncation: Any) -> dict:
+    """The optional ``sample`` arguments the user set, refused where the family takes none (its
+    ``family.sample_options``; a family without that node: its ``sample`` signature).
+
+    ``temperature=0`` is allowed: the autoregressive families then take the most likely level at
+    every step (greedy decoding), the flows the mode z = 0."""
+    family = families.of_model_config(loaded.config.model)
+    takes = family.sample_options if family else tuple(inspect.signature(loaded.model.sample).parameters)
+    kwargs = {}
+    for key, value, fix, positive in (
+        ("temperature", temperature, TEMPERATURE_FIX, False),
+        ("truncation", truncation, TRUNCATION_FIX, True),
+    ):
+        if value is None:
+            continue
+        if key not in takes:
+            which = ", ".join(f.name for f in map(families.get, families.names()) if key in f.sample_options)
+            raise GenexpError(
+                f"{key}={value}: {family_name(loaded.config)} sampling takes no {key} (it applies to {which})"
+            )
+        kwargs[key] = check_finite(key, value, fix, positive=positive)
+    return kwargs
+
+
+def sampler_description(config: DictConfig) -> dict | None:
+    """The diffusion sampler in use (class and arguments) for the metadata, or None."""
+    node = config.model.get("sampler")
+    if node is None:
+        return None
+    plain = OmegaConf.to_container(node, resolve=True)
+    plain = {k: v for k, v in plain.items() if k != "_partial_"}
+    plain["name"] = str(plain.pop("_target_", "?")).rsplit(".", 1)[-1]
+    return plain
