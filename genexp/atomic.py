@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("genexp")
-# the file system refusing a write (full disk, quota, file size limit, permissions, read-only)
-WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS})
+# the disk, not the folder, refuses (full disk, quota, file size limit): the fix is free space
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# the file system refusing a write, not a bug in genexp: a full disk, permissions, a read-only
+# mount, a path through a file or onto one
+WRITE_ERRORS = FULL | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST}
 
 
 def temp_path(path: Path) -> Path:
@@ -104,7 +107,8 @@ def save_cache(blob: Any, path: str | os.PathLike, label: str, consequence: str)
 def write_refusal(err: BaseException | None, errnos: frozenset | set | None = WRITE_ERRORS) -> OSError | None:
     """The OSError behind ``err`` whose errno is in ``errnos`` (None: any OSError): ``err`` itself or
     one in its cause/context chain. torch.save's zip writer reports a failed write as a RuntimeError
-    raised while handling the OSError; Hydra wraps one a resolver raised."""
+    raised while handling the OSError; Hydra wraps one a resolver raised. The one walker: every
+    command asks it which write the environment refused, and :func:`is_full` whether space is the fix."""
     seen = err
     for _ in range(8):
         if seen is None:
@@ -113,3 +117,8 @@ def write_refusal(err: BaseException | None, errnos: frozenset | set | None = WR
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def is_full(err: OSError) -> bool:
+    """The disk (or quota, or file size limit) refused ``err``: free space is the fix, not another folder."""
+    return err.errno in FULL

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -275,3 +276,165 @@ def first_stage_from_config(stored: DictConfig) -> Any:
     model = build_model(stored)
     checkpoints.check_first_stage_family(model, "<stored config>")
     return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- a training run's parts
+# Lightning is imported inside these functions: every command imports this module (guard_hydra,
+# the stored configs of checkpoints), and only training needs the Trainer.
+
+
+class Run(NamedTuple):
+    """What :func:`build_run` makes of a config: everything ``genexp train`` fits and tests."""
+
+    trainer: Any  # pytorch_lightning.Trainer
+    module: Any  # genexp.lit.module.GenerativeModule (or its adversarial subclass)
+    datamodule: Any
+    model: Any  # the family's nn.Module
+    dataset: Any
+    logger: Any  # a Lightning logger, or False
+
+
+def build_run(cfg: DictConfig, output_dir: Path, wandb_id: str | None, extra_callbacks=()) -> Run:
+    """Build the run ``cfg`` describes, in the order its parts depend on each other.
+
+    Args:
+        wandb_id: the wandb run a resumed run continues (from its checkpoint), or None.
+        extra_callbacks: the command's own callbacks (its throughput meter), after the configured ones.
+    """
+    from genexp.lit.performance import Performance
+
+    # speed options (configs/performance/): the Trainer's precision, the optimizer's kernels, device
+    # data here; channels_last and compile as its callback hooks, in every process
+    performance = instantiate(cfg.performance, "performance") if cfg.get("performance") else Performance()
+    trainer = cfg.trainer
+    precision = performance.trainer_precision(
+        trainer.get("precision"), trainer.get("accelerator", "auto"), trainer.get("strategy", "auto")
+    )
+    dataset = instantiate(cfg.dataset, "dataset")
+    datamodule = instantiate(cfg.data, "data", dataset=dataset, device_data=performance.device_data)
+    model, first_stage = build_model_and_first_stage(cfg)
+    config = plain_config(cfg)
+    if first_stage is not None:  # the checkpoint rebuilds its first stage without the original run
+        config["model"]["first_stage"] = first_stage
+    module, divergence = build_module(cfg, model, config, performance, precision)
+    callbacks, preemption = build_callbacks(cfg, performance, divergence, extra_callbacks)
+    logger = build_logger(cfg, output_dir, wandb_id)
+    if logger:
+        logger.log_hyperparams(config)
+        if is_wandb(logger):
+            module.wandb_id = getattr(logger, "version", None)
+    return Run(
+        build_trainer(cfg, callbacks, logger, precision, preemption),
+        module,
+        datamodule,
+        model,
+        dataset,
+        logger,
+    )
+
+
+def build_module(
+    cfg: DictConfig, model: Any, config: dict, performance: Any, precision: Any
+) -> tuple[Any, Any]:
+    """The LightningModule that trains ``model``: its optimizer (dry-built, so a bad setting fails
+    now, not after the first epoch), LR schedule, divergence guard (returned too: it is also a
+    callback) and the family's recipe (the config's ``module:`` node)."""
+    import torch
+
+    from genexp.lit.divergence import DivergenceGuard
+    from genexp.lit.gan_module import module_for
+    from genexp.lit.performance import clips_under_amp
+
+    clipped_amp = clips_under_amp(precision, cfg.trainer.get("gradient_clip_val"), model)
+    optimizer = performance.optimizer(instantiate(cfg.optimizer, "optimizer"), clipped_amp)
+    try:
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise GenexpError(f"optimizer: {err}") from None
+    scheduler = instantiate(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None
+    divergence = instantiate(cfg.divergence, "divergence") if cfg.get("divergence") else DivergenceGuard()
+    recipe = plain_config(cfg.module) if cfg.get("module") else None
+    module = module_for(
+        model, recipe, optimizer=optimizer, scheduler=scheduler, config=config, divergence=divergence
+    )
+    return module, divergence
+
+
+def build_callbacks(
+    cfg: DictConfig, performance: Any, divergence: Any, extra: Iterable = ()
+) -> tuple[list, bool]:
+    """The Trainer's callbacks in the order their hooks must run, and whether genexp handles SLURM's
+    preemption (the step checkpoint's ``preemption``)."""
+    from genexp.lit.checkpointing import ResumePosition
+    from genexp.lit.rng_state import RNGState
+
+    configured = [
+        instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
+    ]
+    step_checkpoint = instantiate(cfg.checkpoint, "checkpoint") if cfg.get("checkpoint") else None
+    callbacks = [
+        # exact resume (docs/reliability.md): the random streams' hooks run before any other draws
+        RNGState(test_seed=int(cfg.seed)),
+        performance,  # its setup converts the model before an EMA copies it
+        *configured,
+        *extra,
+        ResumePosition(),  # a run stopped by max_steps/max_time resumes its epoch
+        divergence,
+        *([step_checkpoint] if step_checkpoint else []),  # saves after the EMA has taken the step
+    ]
+    bar = progress_bar(cfg)
+    return callbacks + ([bar] if bar else []), bool(step_checkpoint and step_checkpoint.preemption)
+
+
+def progress_bar(cfg: DictConfig) -> Any:
+    """A Rich bar in a terminal, plain epoch lines otherwise (None); ``trainer.enable_progress_bar``
+    decides where it is set."""
+    import sys
+
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    shown = cfg.trainer.get("enable_progress_bar")
+    if not (sys.stdout.isatty() if shown is None else bool(shown)):
+        return None
+    # redrawing every batch costs ~5 ms a step on CPU; every few batches reads the same
+    return RichProgressBar(refresh_rate=max(1, min(10, int(cfg.trainer.get("log_every_n_steps") or 1))))
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, logger: Any, precision: Any, preemption: bool) -> Any:
+    """``cfg.trainer`` with genexp's callbacks, logger and checkpoint IO."""
+    import pytorch_lightning as pl
+
+    from genexp.lit.checkpointing import AtomicCheckpointIO, slurm_plugins
+
+    return instantiate(
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=logger,
+        enable_progress_bar=any(isinstance(cb, pl.callbacks.ProgressBar) for cb in callbacks),
+        # callbacks=none means no checkpoints, not Lightning's default ones
+        enable_checkpointing=any(isinstance(cb, pl.callbacks.ModelCheckpoint) for cb in callbacks),
+        # atomic, finite-only checkpoint writes; under SLURM genexp, not Lightning, handles preemption
+        plugins=[AtomicCheckpointIO(), *slurm_plugins(preemption)],
+        precision=precision,
+    )
+
+
+WANDB_LOGGER = "pytorch_lightning.loggers.WandbLogger"
+
+
+def build_logger(cfg: DictConfig, output_dir: Path, wandb_id: str | None) -> Any:
+    """``cfg.logger`` (False: none); a wandb logger never prompts and resumes ``wandb_id``'s run."""
+    from genexp.lit.loggers import prepare_wandb_kwargs
+
+    node = cfg.get("logger")
+    if not node:
+        return False
+    kwargs = prepare_wandb_kwargs({}, wandb_id) if str(node.get("_target_", "")) == WANDB_LOGGER else {}
+    return instantiate(node, "logger", **kwargs)
+
+
+def is_wandb(logger: Any) -> bool:
+    from pytorch_lightning.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)

@@ -80,6 +80,12 @@ def process_rank(env: Mapping[str, str] = os.environ) -> int:
     return 0
 
 
+def launched_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's rank as its launcher set it: torchrun, srun, or Lightning's own DDP children
+    (``LOCAL_RANK`` on one node, ``NODE_RANK`` across nodes); 0 in the process a user started."""
+    return max(process_rank(env), int(env.get("LOCAL_RANK", "0")), int(env.get("NODE_RANK", "0")))
+
+
 def is_restart(env: Mapping[str, str] = os.environ) -> bool:
     """Whether this job ran before: a requeued SLURM job or a torchrun restart."""
     return any(int(env.get(k) or 0) >= 1 for k in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))

@@ -426,7 +426,7 @@ def test_a_ddp_sweep_is_refused_unless_srun_started_the_ranks(env):
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from genexp.commands.train import refuse_ddp_sweep
+    from genexp.validate import refuse_ddp_sweep
 
     cfg = compose_hydra(["accelerator=ddp_cpu"])
     with open_dict(cfg):
