@@ -14,15 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from conftest import compose_cfg, group_options, tiny
+from faults import genexp_faults
 
+from genexp.atomic import temp_path
 from genexp.build import instantiate
 from genexp.checkpoints import read as read_checkpoint
 from genexp.commands.train import train
 from genexp.errors import GenexpError
-from genexp.lit.checkpointing import AtomicCheckpointIO, StepCheckpoint, temp_path
+from genexp.lit import checkpoint_io
+from genexp.lit.checkpoint_io import AtomicCheckpointIO
+from genexp.lit.checkpointing import StepCheckpoint
 
 
 def checkpoint(version: int, size: int = 1000) -> dict:
@@ -57,7 +62,7 @@ def inject(monkeypatch, limit: int, error: BaseException) -> None:
     def failing_save(obj, f, *args, **kwargs):
         return real_save(obj, FailAfter(f, limit, error), *args, **kwargs)
 
-    monkeypatch.setattr("genexp.lit.checkpointing.torch.save", failing_save)
+    monkeypatch.setattr("genexp.lit.checkpoint_io.torch.save", failing_save)
 
 
 def test_a_write_that_fails_midway_keeps_the_previous_checkpoint_byte_for_byte(tmp_path, monkeypatch):
@@ -117,7 +122,7 @@ def _writer(path: Path) -> None:
     # a forked child must not enter the parent's OpenMP pool (it would deadlock once the parent has
     # used it, as earlier tests in the session do): one thread, inline
     torch.set_num_threads(1)
-    os.environ["GENEXP_FAULT_SLOW_WRITE"] = "0.03"
+    genexp_faults.slow_writes(checkpoint_io, 0.03)
     io = AtomicCheckpointIO()
     version = 1
     while True:
@@ -175,7 +180,10 @@ def test_genexp_train_killed_while_writing_a_checkpoint_resumes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "genexp.cli", "train"]
     proc = subprocess.Popen(
-        [*cmd, *args], cwd=tmp_path, env={**env, "GENEXP_FAULT_SLOW_WRITE": "0.5"}, stdout=subprocess.DEVNULL
+        [*cmd, *args],
+        cwd=tmp_path,
+        env=faults.environ(env, GENEXP_FAULT_SLOW_WRITE="0.5"),
+        stdout=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -256,7 +264,7 @@ def test_every_minutes_writes_last_ckpt_when_the_time_has_come(tiny_cfg, saved_s
 def test_under_slurm_genexp_handles_preemption_and_requeues(tmp_path, monkeypatch):
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from genexp.lit.checkpointing import _requeue_slurm_job, slurm_plugins
+    from genexp.lit.preemption import requeue_slurm_job, slurm_plugins
 
     assert slurm_plugins(True) == []  # not in a SLURM job
     monkeypatch.setenv("SLURM_NTASKS", "1")
@@ -271,7 +279,7 @@ def test_under_slurm_genexp_handles_preemption_and_requeues(tmp_path, monkeypatc
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-    _requeue_slurm_job()
+    requeue_slurm_job()
     assert calls.read_text().split() == ["requeue", "4242"]
 
 

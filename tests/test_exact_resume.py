@@ -18,14 +18,16 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from conftest import compose_cfg, group_options, tiny
 
-from genexp.data.order import EpochSampler, epoch_permutation
-from genexp.lit.checkpointing import PREEMPTED_EXIT_CODE, Preempted
-from genexp.lit.rng_state import RNGState, capture, restore
 from genexp.commands.train import train
+from genexp.data.order import EpochSampler, epoch_permutation
+from genexp.lit.preemption import Preempted
+from genexp.lit.rng_state import RNGState, capture, restore
+from genexp.signals import PREEMPTED_EXIT_CODE
 
 FAMILIES = group_options("model")
 SIGNALS = ["SIGKILL", "SIGTERM", "SIGINT", "SIGUSR1"]
@@ -49,8 +51,8 @@ def genexp_cmd(*args: str) -> list[str]:
 
 
 def env(**extra: str) -> dict:
-    out = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
-    return {**out, **extra}
+    """The children's environment; GENEXP_FAULT_* in ``extra`` reach them through tests/faults."""
+    return faults.environ(OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1", **extra)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from conftest import compose_cfg, tiny
@@ -271,12 +272,7 @@ def test_a_second_genexp_train_on_a_training_run_is_refused_and_the_first_finish
     from test_cli import GENEXP
 
     run = tmp_path / "run"
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-        "GENEXP_FAULT_PAUSE": "validation:8",
-    }
+    env = faults.environ(WANDB_MODE="disabled", OMP_NUM_THREADS="1", GENEXP_FAULT_PAUSE="validation:8")
     env.pop("HYDRA_FULL_ERROR", None)
     args = [*tiny("vae"), "trainer.max_epochs=2", "logger=csv", f"hydra.run.dir={run}"]
     first = subprocess.Popen(

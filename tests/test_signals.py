@@ -3,7 +3,7 @@ a real ``genexp`` process, in validation, a sample grid, the test (inside the bi
 ``genexp sample``, ``genexp evaluate`` and ``genexp compare`` (whose training child stops too).
 Each asserts the exit status, the time from the signal to the exit and the files left behind.
 
-Phases are reached with the fault-injection pause ``GENEXP_FAULT_PAUSE=<phase>`` (it logs
+Phases are reached with the fault-injection pause ``GENEXP_FAULT_PAUSE=<phase>`` (tests/faults: it logs
 ``fault injection: pausing in <phase>`` and sleeps 60 s) or a log line printed just before a long
 computation; the signal follows 0.3 s after that line.
 """
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from conftest import TINY, TINY_MODEL, compose_cfg
@@ -48,7 +49,7 @@ def genexp(*args: str) -> list[str]:
 def signal_at(cmd: list[str], marker: str, sig: signal.Signals, cwd: Path, pause: str = "") -> tuple:
     """Start ``cmd``, send ``sig`` 0.3 s after a line containing ``marker``; return (exit status,
     seconds from the signal to the exit, output, the pids of its children when signalled)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "GENEXP_FAULT_PAUSE": pause}
+    env = faults.environ(OMP_NUM_THREADS="1", WANDB_MODE="disabled", GENEXP_FAULT_PAUSE=pause)
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

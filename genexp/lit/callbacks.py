@@ -14,7 +14,6 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from genexp import atomic
 from genexp.errors import check_float, check_int
-from genexp.signals import fault_pause
 
 log = logging.getLogger("genexp")
 
@@ -125,7 +124,6 @@ class SampleGrid(pl.Callback):
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
                 samples = model.sample(self.num_samples, generator=generator).float().clamp(0, 1)
                 path = self.dirpath / f"{tag}_samples.png"
-                fault_pause("sample_grid")
                 save_png(samples.cpu(), path, nrow=int(self.num_samples**0.5))
                 self._done(trainer, "samples", path, tag)
                 if "temperature" in inspect.signature(model.sample).parameters:

@@ -1,27 +1,18 @@
-"""Checkpoints that survive being killed: atomic writes, step/time checkpoints, graceful preemption.
+"""Step checkpoints and stop signals: :class:`StepCheckpoint` writes ``last.ckpt`` at step
+boundaries every ``every_n_steps`` steps and/or ``every_minutes`` minutes, and on
+SIGTERM/SIGUSR1/SIGINT (docs/reliability.md, "Signals"): inside a training step at the next step
+boundary; in validation, sample grids and other epoch-end work at once, writing the state of the
+last training step (kept in memory from that step's end). The run then exits with 75 (SIGTERM,
+SIGUSR1) or 130 (SIGINT).
 
-- :class:`AtomicCheckpointIO` writes every checkpoint (``last.ckpt``, ``best.ckpt``) to a temporary
-  file in the same folder, fsyncs it and renames it over the old one, so a kill or a full disk
-  during the write leaves the previous checkpoint as it was; it refuses non-finite weights.
-- :class:`StepCheckpoint` writes ``last.ckpt`` at step boundaries every ``every_n_steps`` steps
-  and/or ``every_minutes`` minutes, and on SIGTERM/SIGUSR1/SIGINT (docs/reliability.md, "Signals"):
-  inside a training step at the next step boundary; in validation, sample grids and other epoch-end
-  work at once, writing the state of the last training step (kept in memory from that step's end).
-  The run then exits with 75 (SIGTERM, SIGUSR1) or 130 (SIGINT).
-
-Fault injection for tests (environment variables, read when set): ``GENEXP_FAULT_SLOW_WRITE=<s>``
-sleeps s seconds in the middle of every checkpoint write, ``GENEXP_FAULT_SLOW_STEP=<s>`` before
-every training step, ``GENEXP_FAULT_PAUSE=validation|test[:<s>]`` in the first batch of a fit's
-validation or of the test (:func:`genexp.signals.fault_pause`), so a test can signal or kill a
-process at those points.
+The neighbours: :mod:`genexp.lit.checkpoint_io` (atomic files), :mod:`genexp.lit.preemption`
+(wandb marks, SLURM requeue), :mod:`genexp.lit.resume_position` (loop-state surgery).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -29,109 +20,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
-from genexp.atomic import fsync_dir, temp_path, write_refusal
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
-from genexp.signals import (
-    PREEMPTED_EXIT_CODE,
-    STOP_SIGNALS,
-    Interrupted,
-    exit_status,
-    fault_pause,
-    signal_name,
-)
+from genexp.lit import compat
+from genexp.lit.checkpoint_io import AtomicCheckpointIO  # noqa: F401 - re-exported until commands/train.py imports it from checkpoint_io
+from genexp.lit.preemption import Preempted, requeue_slurm_job, slurm_plugins, tell_wandb_preempted  # noqa: F401
+from genexp.lit.resume_position import ResumePosition  # noqa: F401 - re-exported, as AtomicCheckpointIO
+from genexp.signals import PREEMPTED_EXIT_CODE, STOP_SIGNALS, Interrupted, exit_status, signal_name
 
 log = logging.getLogger("genexp")
 
 PREEMPTION_SIGNALS = STOP_SIGNALS
-
-
-class Preempted(Interrupted):
-    """The run saved ``last.ckpt`` after a stop signal and stops; ``genexp train`` exits with
-    :data:`PREEMPTED_EXIT_CODE` (130 after SIGINT), a SystemExit, so nothing on the way reports it
-    as a failure."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM):
-        super().__init__(signum, message)
-
-
-def _fault_seconds(name: str) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else 0.0
-
-
-def nonfinite_tensors(checkpoint: dict) -> list[str]:
-    """Names of the weights (``state_dict``, and the raw weights next to an EMA) that hold NaN/Inf."""
-    bad = []
-    for section in ("state_dict", "current_model_state"):
-        for name, value in (checkpoint.get(section) or {}).items():
-            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-                bad.append(name)
-    return bad
-
-
-class _SlowFile:
-    """A file whose first write pauses half-way (fault injection: a kill lands inside the write)."""
-
-    def __init__(self, file, seconds: float):
-        self._file, self._seconds, self._paused = file, seconds, False
-
-    def write(self, data) -> int:
-        if self._paused or len(data) < 2:
-            return self._file.write(data)
-        half = len(data) // 2
-        written = self._file.write(memoryview(data)[:half])
-        self._file.flush()
-        time.sleep(self._seconds)
-        self._paused = True
-        return written + self._file.write(memoryview(data)[half:])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._file, name)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file, flush, fsync, ``os.replace`` over the target, fsync the
-    folder. Any failure removes the temporary file and keeps the previous checkpoint; a file
-    system refusal (full disk, permissions) is one :class:`GenexpError` line naming the path.
-    Paths with a URL scheme (``s3://``) go through Lightning's own writer."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options")
-        path = Path(path)
-        bad = nonfinite_tensors(checkpoint)
-        if bad:
-            raise GenexpError(
-                f"refusing to write {path}: non-finite weights ({', '.join(bad[:3])}"
-                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); the previous checkpoint is kept "
-                "as the resume point. Try a lower optimizer.lr or trainer.gradient_clip_val=1.0"
-            )
-        tmp = temp_path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as file:
-                slow = _fault_seconds("GENEXP_FAULT_SLOW_WRITE")
-                torch.save(checkpoint, _SlowFile(file, slow) if slow else file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        except BaseException as err:  # also KeyboardInterrupt: never a half-written file left
-            tmp.unlink(missing_ok=True)
-            refused = write_refusal(err, None)
-            if refused is None:
-                raise
-            raise GenexpError(
-                f"cannot write checkpoint {path}: {refused.strerror or refused}; the previous checkpoint is "
-                "kept. Free space there or write elsewhere with paths.log_dir=<folder>"
-            ) from None
 
 
 class StepCheckpoint(pl.Callback):
@@ -177,7 +79,6 @@ class StepCheckpoint(pl.Callback):
         self._previous_handlers: dict[int, Any] = {}
         self._last_save = self.clock()
         self._saved_step = -1
-        self._slow_step = 0.0  # fault injection (GENEXP_FAULT_SLOW_STEP), read once per fit
         self.saves = 0
 
     @property
@@ -219,15 +120,12 @@ class StepCheckpoint(pl.Callback):
         self._remove_stale_temp_files(trainer)
         self._signal, self._stop_now, self._snapshot = None, False, None
         self._world_size = trainer.world_size
-        connector = getattr(trainer, "_signal_connector", None)
-        if self.preemption and connector is not None and connector.received_sigterm:
+        if self.preemption and compat.take_over_sigterm(trainer):
             # SIGTERM reached Lightning's handler before ours was in place: take it over, or Lightning
             # would stop after the first step without a checkpoint, with status 0
-            connector.received_sigterm = False
             self._signal = signal.SIGTERM
         self._install()
         self._last_save = self.clock()
-        self._slow_step = _fault_seconds("GENEXP_FAULT_SLOW_STEP")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._act_on_flag(trainer)
@@ -264,7 +162,7 @@ class StepCheckpoint(pl.Callback):
                 trainer.global_step,
                 " (the state after that step: the signal came outside a step)",
             )
-            _tell_wandb_preempted(trainer)
+            tell_wandb_preempted(trainer)
 
     def _write_snapshot(self, trainer: pl.Trainer, snapshot: dict | None) -> bool:
         """Write the last step's state, unless ``last.ckpt`` holds that step already (an epoch-end
@@ -288,11 +186,9 @@ class StepCheckpoint(pl.Callback):
     # ------------------------------------------------------------ saving
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._stop_now, self._snapshot = False, None  # a step boundary is coming again
-        if self._slow_step:
-            time.sleep(self._slow_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop._should_accumulate():
+        if compat.accumulating(trainer):
             return  # inside a gradient-accumulation window: its partial gradients are not saved
         step = trainer.global_step
         periodic = self.every_n_steps is not None and step % self.every_n_steps == 0
@@ -314,15 +210,8 @@ class StepCheckpoint(pl.Callback):
             self._snapshot = None if step == self._saved_step else _detached(self._dump(trainer))
             self._stop_now = True
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            fault_pause("validation")
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        fault_pause("test")
-
     def _dump(self, trainer: pl.Trainer) -> dict:
-        return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        return compat.dump_checkpoint(trainer)
 
     def _act_on_flag(self, trainer: pl.Trainer) -> None:
         """A signal that is still a flag here (under DDP, where ranks decide together; or one that
@@ -359,9 +248,9 @@ class StepCheckpoint(pl.Callback):
     def _preempted(self, trainer: pl.Trainer) -> None:
         message = self._message(self._signal, trainer.global_step)
         log.warning(message)
-        _tell_wandb_preempted(trainer)
+        tell_wandb_preempted(trainer)
         if self.slurm_requeue and self._signal == signal.SIGUSR1 and trainer.is_global_zero:
-            _requeue_slurm_job()
+            requeue_slurm_job()
         raise Preempted(message, self._signal if self._signal is not None else signal.SIGTERM)
 
     # ------------------------------------------------------------ state
@@ -389,12 +278,9 @@ def _epoch_work_follows(trainer: pl.Trainer) -> bool:
     if 0 < (trainer.max_steps or -1) <= trainer.global_step or trainer.should_stop:
         return True
     timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-    if timer is not None and timer._duration is not None and (timer.time_remaining("train") or 0) <= 0:
+    if compat.max_time_is_up(timer):
         return True  # max_time is up: validation and the end of training follow
-    try:
-        return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
-    except AttributeError:  # another Lightning: validate at epoch ends only
-        return False
+    return compat.validation_follows(trainer)
 
 
 def _detached(checkpoint: dict) -> dict:
@@ -413,77 +299,3 @@ def _detached(checkpoint: dict) -> dict:
         return value
 
     return {k: (v if k == "optimizer_states" else copy(v)) for k, v in checkpoint.items()}
-
-
-def _tell_wandb_preempted(trainer: pl.Trainer) -> None:
-    """Mark the wandb run as preempted (not failed): the resumed run continues it (same id)."""
-    for logger in trainer.loggers if trainer.is_global_zero else []:
-        if type(logger).__name__ == "WandbLogger":
-            mark = getattr(logger.experiment, "mark_preempting", None)
-            if callable(mark):
-                try:
-                    mark()
-                except Exception as err:  # noqa: BLE001 - offline or disabled runs may refuse; not fatal
-                    log.debug("wandb mark_preempting: %s", err)
-
-
-def _requeue_slurm_job() -> None:
-    job = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    if not job:
-        return
-    try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.warning("could not requeue SLURM job %s: %s", job, err)
-        return
-    if done.returncode == 0:
-        log.info("requeued SLURM job %s", job)
-    else:
-        log.warning("scontrol requeue %s failed: %s", job, done.stderr.strip()[:200])
-
-
-def slurm_plugins(preemption: bool) -> list:
-    """Under SLURM, Lightning's SLURM environment would save its own ``hpc_ckpt`` inside the
-    SIGUSR1 handler (mid-step) and requeue; with ``preemption`` genexp does both at a step boundary
-    instead, so Lightning's auto-requeue is turned off."""
-    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    # the environment Lightning would pick itself (torchrun inside a SLURM job is TorchElastic)
-    if not preemption or TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
-        return []
-    return [SLURMEnvironment(auto_requeue=False)]
-
-
-def reopen_stopped_epoch(checkpoint: dict) -> bool:
-    """Make a checkpoint of a run stopped inside an epoch (``trainer.max_steps``, ``max_time``)
-    resume that epoch. Lightning counts the stopped epoch as processed, so a resumed run would
-    start the next epoch's order at the old batch index (training on fewer batches that epoch, and
-    validating at another point) instead of continuing as the run would have; un-counting the
-    epoch makes it a mid-epoch restart, which continues the same order (genexp.data.order).
-    Returns whether it changed the checkpoint."""
-    loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
-    if not epochs or not batches:
-        return False
-    current = epochs["current"]
-    stopped_inside = batches.get("is_last_batch") is False and batches["current"]["processed"] > 0
-    if not (stopped_inside and current["processed"] == current["started"] > 0):
-        return False
-    for counts in (epochs["current"], epochs["total"]):
-        counts["processed"] -= 1
-        counts["completed"] = min(counts["completed"], counts["processed"])
-    checkpoint["epoch"] = current["completed"]
-    return True
-
-
-class ResumePosition(pl.Callback):
-    """Applies :func:`reopen_stopped_epoch` to the checkpoint a run resumes from (before Lightning
-    restores its loops from it)."""
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
-    ) -> None:
-        if reopen_stopped_epoch(checkpoint):
-            log.info("resuming inside epoch %d, where the run stopped", checkpoint["epoch"] + 1)
