@@ -9,6 +9,7 @@ constructor argument names), so a new config group is checked without an entry h
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import re
@@ -24,16 +25,14 @@ INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything enforces
 # the nodes every ``genexp train`` needs; ``~model`` on the command line deletes one
 REQUIRED = ("model", "dataset", "data", "optimizer", "trainer", "paths")
-# validation metrics computed from pairs of images of one batch: they need two images per batch
-PAIRWISE_METRICS = ("val/energy", "val/diversity")
 # keys the runner interprets itself before the constructor sees them, and checks there:
-# genexp.commands.train.build_model_and_first_stage loads model.first_stage (a run dir or a stored config);
+# genexp.build.build_model_and_first_stage loads model.first_stage (a run dir or a stored config);
 # genexp.lit.performance picks trainer.precision (auto included) for the hardware
 RUNNER_BUILT = ("model.first_stage", "trainer.precision")
 
 
 def check(cfg: DictConfig, values: dict | None = None) -> None:
-    """Every preflight check of a ``genexp train`` config (``genexp.commands.train.validate`` calls this).
+    """Every preflight check of a ``genexp train`` config (``genexp.validate.validate`` calls this).
 
     ``values``: the resolved config, if :func:`interpolations` has already made it."""
     values = interpolations(cfg) if values is None else values
@@ -425,13 +424,27 @@ def pairwise_metrics_have_pairs(values: dict) -> None:
     batch_size = (values.get("data") or {}).get("batch_size")
     if batch_size != 1:
         return
+    pairwise = pairwise_metrics(values)
     for name, node in (values.get("callbacks") or {}).items():
         metric = node.get("monitor") if isinstance(node, dict) else None
-        if metric in PAIRWISE_METRICS:
+        if metric in pairwise:
             raise GenexpError(
                 f"data.batch_size=1: callbacks.{name}.monitor={metric} compares images within a validation "
                 "batch, so it needs data.batch_size >= 2; use data.batch_size=2 or more"
             )
+
+
+def pairwise_metrics(values: dict) -> set[str]:
+    """The validation metrics the model's family computes from pairs of images within one batch, as
+    logged (``val/<name>``): its class's ``pairwise_logs`` (e.g. a GAN's diversity and energy
+    distance), none where the class declares none or cannot be imported (instantiate says why)."""
+    target = str((values.get("model") or {}).get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return set()
+    return {f"val/{log}" for log in getattr(cls, "pairwise_logs", ())}
 
 
 def dry_build(cfg: DictConfig) -> None:
