@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from genexp import atomic
 from genexp.errors import check_float, check_int
+from genexp.models.base import Autoencoding, Reconstructing
 
 log = logging.getLogger("genexp")
 
@@ -21,10 +23,9 @@ log = logging.getLogger("genexp")
 def log_image(trainer: pl.Trainer, key: str, path: Path, caption: str) -> None:
     """Send a PNG written to ``path`` to every logger that takes images (wandb, TensorBoard)."""
     for logger in trainer.loggers:
-        name = type(logger).__name__
-        if name == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], caption=[caption], step=trainer.global_step)
-        elif name == "TensorBoardLogger":
+        elif isinstance(logger, TensorBoardLogger):
             import numpy as np
             from PIL import Image
 
@@ -121,42 +122,58 @@ class SampleGrid(pl.Callback):
         model.eval()
         try:
             with torch.no_grad():
-                generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-                samples = model.sample(self.num_samples, generator=generator).float().clamp(0, 1)
-                path = self.dirpath / f"{tag}_samples.png"
-                save_png(samples.cpu(), path, nrow=int(self.num_samples**0.5))
-                self._done(trainer, "samples", path, tag)
-                if "temperature" in inspect.signature(model.sample).parameters:
-                    for t in self.temperatures:  # the same noise, scaled: z ~ N(0, T^2 I)
-                        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-                        samples = model.sample(self.num_samples, generator=generator, temperature=t)
-                        path = self.dirpath / f"{tag}_samples_t{t:g}.png"
-                        save_png(samples.float().clamp(0, 1).cpu(), path, nrow=int(self.num_samples**0.5))
-                        self._done(trainer, f"samples_t{t:g}", path, tag)
+                self._samples(trainer, model, pl_module.device, tag)
                 datamodule = trainer.datamodule
-                if hasattr(model, "reconstruct") and datamodule is not None:
-                    x, _ = datamodule.fixed_batch("val", self.num_samples // 2)
-                    x = x.to(pl_module.device)
-                    recon = model.reconstruct(x).float().clamp(0, 1)
-                    pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original, reconstruction, ...
-                    path = self.dirpath / f"{tag}_reconstructions.png"
-                    save_png(pairs.cpu(), path, nrow=2 * int((self.num_samples // 2) ** 0.5))
-                    self._done(trainer, "reconstructions", path, tag)
-                if hasattr(model, "encode") and self.latent_points and datamodule is not None:
-                    x, y = datamodule.fixed_batch("val", self.latent_points)
-                    if len(x) >= 3:  # a 2-D projection needs a few points
-                        z = model.encode(x.to(pl_module.device))  # (B, latent_dim)
-                        path = self.dirpath / f"{tag}_latents.png"
-                        latent_scatter(
-                            z.cpu(), y.cpu(), path, f"latents of {len(x)} validation images ({tag})"
-                        )
-                        # a figure is a web of reference cycles, and with torch's many long-lived
-                        # objects a full collection rarely runs: a long run grew ~1 MB per plot
-                        # (tests/test_long_run.py). The young generations hold it: ~2 ms
-                        gc.collect(1)
-                        self._done(trainer, "latents", path, tag)
+                if isinstance(model, Reconstructing) and datamodule is not None:
+                    self._reconstructions(trainer, model, datamodule, pl_module.device, tag)
+                if isinstance(model, Autoencoding) and self.latent_points and datamodule is not None:
+                    self._latents(trainer, model, datamodule, pl_module.device, tag)
         finally:
             model.train(was_training)
+
+    def _samples(self, trainer: pl.Trainer, model, device: torch.device, tag: str) -> None:
+        """``{tag}_samples.png`` from fixed noise; for families whose ``sample`` takes a
+        ``temperature`` (flows), one grid per temperature from the same noise."""
+        nrow = int(self.num_samples**0.5)
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        samples = model.sample(self.num_samples, generator=generator)
+        path = self.dirpath / f"{tag}_samples.png"
+        save_png(samples.float().clamp(0, 1).cpu(), path, nrow=nrow)
+        self._done(trainer, "samples", path, tag)
+        if "temperature" not in inspect.signature(model.sample).parameters:
+            return
+        for t in self.temperatures:  # the same noise, scaled: z ~ N(0, T^2 I)
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            samples = model.sample(self.num_samples, generator=generator, temperature=t)
+            path = self.dirpath / f"{tag}_samples_t{t:g}.png"
+            save_png(samples.float().clamp(0, 1).cpu(), path, nrow=nrow)
+            self._done(trainer, f"samples_t{t:g}", path, tag)
+
+    def _reconstructions(
+        self, trainer: pl.Trainer, model, datamodule, device: torch.device, tag: str
+    ) -> None:
+        """Pairs (original, reconstruction) of a fixed validation batch."""
+        x, _ = datamodule.fixed_batch("val", self.num_samples // 2)
+        x = x.to(device)
+        recon = model.reconstruct(x).float().clamp(0, 1)
+        pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original, reconstruction, ...
+        path = self.dirpath / f"{tag}_reconstructions.png"
+        save_png(pairs.cpu(), path, nrow=2 * int((self.num_samples // 2) ** 0.5))
+        self._done(trainer, "reconstructions", path, tag)
+
+    def _latents(self, trainer: pl.Trainer, model, datamodule, device: torch.device, tag: str) -> None:
+        """A scatter plot of the codes of fixed validation images, coloured by label."""
+        x, y = datamodule.fixed_batch("val", self.latent_points)
+        if len(x) < 3:  # a 2-D projection needs a few points
+            return
+        z = model.encode(x.to(device))  # (B, latent_dim)
+        path = self.dirpath / f"{tag}_latents.png"
+        latent_scatter(z.cpu(), y.cpu(), path, f"latents of {len(x)} validation images ({tag})")
+        # a figure is a web of reference cycles, and with torch's many long-lived objects a full
+        # collection rarely runs: a long run grew ~1 MB per plot (tests/test_long_run.py). The
+        # young generations hold it: ~2 ms
+        gc.collect(1)
+        self._done(trainer, "latents", path, tag)
 
     def _done(self, trainer: pl.Trainer, kind: str, path: Path, tag: str) -> None:
         self.written.append(path)
