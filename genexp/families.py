@@ -99,7 +99,7 @@ def _read(name: str) -> Family:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get(NODE), dict):
         raise GenexpError(
-            f"{where}: no model.{NODE} node; add one with {', '.join(FIELDS)} (see configs/model/vae.yaml)"
+            f"{where}: no model.{NODE} node; add one with {', '.join(FIELDS)} (as every configs/model/*.yaml has)"
         )
     return parse(name, model[NODE], where=where, target=str(model.get("_target_", "")))
 

@@ -32,7 +32,8 @@ from genexp.models.autoregressive import LogisticMixture, to_levels
 from genexp.models.gan import truncated_normal
 from genexp.models.pixel_transformer import SOS, PixelTransformer
 from genexp.models.pixelcnn import PixelCNN
-from genexp.commands.report import MANIFEST, write_report
+from genexp.commands.report import write_report
+from genexp.report import MANIFEST
 from genexp.commands.train import train
 from genexp.commands.sample import sample
 

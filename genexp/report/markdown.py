@@ -1,0 +1,31 @@
+"""The report as Markdown: the same tables (:mod:`genexp.report.columns`) and gallery as the HTML
+page; Markdown has one header row, so a column's group prefixes its header (``Fidelity: FID ↓``)."""
+
+from __future__ import annotations
+
+from genexp.report.columns import RUNS, SUMMARY, Column, Page, cells
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def header(columns: list[Column]) -> list[str]:
+    return [f"{c.group}: {c.header}" if c.group else c.header for c in columns]
+
+
+def table(columns: list[Column], rows: list) -> str:
+    lines = ["| " + " | ".join(header(columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_escape(text) for text in cells(columns, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def page(content: Page) -> str:
+    md = [f"# {content.title}", "", content.setup, "", "## Summary", ""]
+    md += [table(SUMMARY, content.families), "", content.notes, ""]
+    md += ["## Runs", "", table(RUNS, content.runs), "", "## Samples and loss curves", ""]
+    for run, figs in content.gallery:
+        md += [f"### {run.name}", ""]
+        md += [f"![{fig.caption}]({fig.src})" for fig in figs] or ["no sample grid or CSV log"]
+        md.append("")
+    return "\n".join(md)
