@@ -21,21 +21,13 @@ from typing import Any, NamedTuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genexp import atomic, layout
+from genexp import atomic, layout, sampling
 from genexp.checkpoints import LoadedModel, progress
 from genexp.checks import check_count, check_seed, user, writable_folder, write_failed
 from genexp.data.base import Splits
 from genexp.errors import GenexpError, check_choice
 from genexp.metrics.features import FEATURES, default_cache_dir, feature_extractor
 from genexp.metrics.sampling import sample_uint8, sampling_speed
-from genexp.sampling import (
-    family_name,
-    load_for_sampling,
-    output_dir,
-    resolve_device,
-    sample_kwargs,
-    sampler_description,
-)
 
 log = logging.getLogger("genexp")
 
@@ -214,9 +206,9 @@ def load_subject(ckpt: str, settings: EvalSettings, device: torch.device) -> Sub
     """The checkpoint's family and its dataset's reference split (``ckpt``: a run dir, .ckpt or latest)."""
     from genexp.build import instantiate
 
-    loaded = load_for_sampling(ckpt, settings.sampler)
-    family = family_name(loaded.config)
-    kwargs = sample_kwargs(loaded, settings.temperature, settings.truncation)
+    loaded = sampling.load_for_sampling(ckpt, settings.sampler)
+    family = sampling.family_name(loaded.config)
+    kwargs = sampling.sample_kwargs(loaded, settings.temperature, settings.truncation)
     model = loaded.model.to(device)
     if "dataset" not in loaded.config:
         raise GenexpError(f"ckpt={ckpt}: the checkpoint's config has no dataset to evaluate against")
@@ -316,7 +308,7 @@ def provenance_of(subject: Subject, settings: EvalSettings, seconds: float) -> d
     loaded = subject.loaded
     return {
         "checkpoint": str(loaded.path),
-        "run_dir": str(output_dir(loaded.path)),
+        "run_dir": str(sampling.output_dir(loaded.path)),
         **progress(loaded.path),
         "family": subject.family,
         "model": str(loaded.config.model.get("_target_")),
@@ -325,7 +317,7 @@ def provenance_of(subject: Subject, settings: EvalSettings, seconds: float) -> d
         "reference_split": settings.reference,
         "num_real": len(subject.real),
         "features": settings.features,
-        "sampling": {**subject.kwargs, "sampler": sampler_description(loaded.config)},
+        "sampling": {**subject.kwargs, "sampler": sampling.sampler_description(loaded.config)},
         "device": str(subject.device),
         "seed": settings.seed,
         "torch": torch.__version__,
@@ -339,11 +331,11 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
     ``{"metrics": {"eval/<name>": ...}, "provenance": {...}, "settings": {...}}``."""
     settings.check()
     start = time.perf_counter()
-    device = resolve_device(settings.device)
+    device = sampling.resolve_device(settings.device)
     target = evaluation_file(out)  # refused before any work
     extractor, info = first_extractor(settings, device)
     subject = load_subject(ckpt, settings, device)
-    run_dir = output_dir(subject.loaded.path)
+    run_dir = sampling.output_dir(subject.loaded.path)
     path = target or evaluation_file(run_dir / layout.EVALUATION_JSON)
     log.info(
         "evaluating %s (%s) on %s against %s", subject.family, subject.loaded.path, device, subject.reference
