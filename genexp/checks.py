@@ -18,14 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from genexp import atomic
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 
 T = TypeVar("T")
 
 MAX_COUNT = 2**31 - 1  # image counts, batch sizes, grid columns: beyond this torch's sizes overflow
 MAX_SEED = 2**32 - 1  # seeds: uint32, what numpy's and Lightning's seeding accept
-# the ENOSPC family: the folder is fine, the disk is not
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def user(check: Callable[[], T], fix: str | None = None) -> T:
@@ -105,7 +104,7 @@ def write_failed(key: str, path: Path, err: OSError) -> GenexpError:
     reason = err.strerror or type(err).__name__
     fix = (
         f"free space there or pass {key}=<another folder>"
-        if err.errno in FULL
+        if atomic.is_full(err)
         else f"pass {key}=<a writable folder>"
     )
     return GenexpError(f"{key}={path.parent}: cannot write {path.name} ({reason}); {fix}")

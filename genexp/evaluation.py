@@ -165,9 +165,7 @@ def log_to_run_logger(
 ) -> str | None:
     """Send the numeric results to the logger the run trained with (wandb: the same run, resumed;
     csv: appended to its metrics.csv; tensorboard: its log dir), at the checkpoint's step."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    from genexp.commands.train import build_logger
+    from genexp.build import build_logger, is_wandb
     from genexp.lit.loggers import finish_wandb
 
     if not config.get("logger"):
@@ -182,7 +180,7 @@ def log_to_run_logger(
         logger.log_metrics(numeric, step=int(step or 0))
         logger.save()
     finally:
-        if isinstance(logger, WandbLogger):
+        if is_wandb(logger):
             finish_wandb(logger)
         else:
             logger.finalize("success")

@@ -373,7 +373,7 @@ def run(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResult:
             ``accelerator=cpu``, ``dataset.x=...``); the CLI passes the user's choices of those
             groups and the ``dataset.*`` overrides.
     """
-    from genexp.commands.report import write_report
+    from genexp.report import write_report
 
     chosen, seeds = check_config(cfg)
     group_args = list(group_args or ["dataset=mnist5k", "accelerator=auto"])
