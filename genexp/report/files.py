@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 from genexp import atomic
-from genexp.checks import FULL
 from genexp.errors import GenexpError
 from genexp.report.collect import as_dict, read_json
 
@@ -96,7 +95,7 @@ def commit_files(out: Path, files: dict[str, bytes], owned: dict[str, str]) -> N
         atomic.write_json(out / MANIFEST, manifest)
     except OSError as err:
         fix = "free space there or pass --out <another folder>"
-        if err.errno not in FULL:
+        if not atomic.is_full(err):
             fix = "pass --out <a writable folder>"
         raise GenexpError(
             f"--out={out}: cannot write {rel} ({err.strerror or type(err).__name__}); {fix}"
