@@ -9,7 +9,15 @@ import torch
 from conftest import TINY_MODEL, compose_cfg, group_options
 
 from genexp.build import build_model
-from genexp.models.base import LossOutput
+from genexp.models.base import (
+    Adversarial,
+    Autoencoding,
+    Generative,
+    Likelihood,
+    LossOutput,
+    Preparable,
+    Reconstructing,
+)
 
 FAMILIES = group_options("model")
 
@@ -33,7 +41,7 @@ def batch(cfg, n: int = 6) -> torch.Tensor:
 
 def training_losses(model, x: torch.Tensor, y: torch.Tensor | None = None) -> list:
     """The family's objectives on a batch: ``loss``, or an adversarial family's ``d_loss`` and ``g_loss``."""
-    if hasattr(model, "d_loss"):
+    if isinstance(model, Adversarial):
         return [model.d_loss(x, y), model.g_loss(x, y)]
     return [model.loss(x, y)]
 
@@ -77,12 +85,60 @@ def test_optional_nll_and_reconstruct(option, tmp_path, build):
     model, cfg = build(option, tmp_path)
     model.eval()
     x = batch(cfg)
-    if hasattr(model, "nll_bpd"):
+    if isinstance(model, Likelihood):
         bpd = model.nll_bpd(x)
         assert bpd.shape == (6,) and torch.isfinite(bpd).all() and (bpd > 0).all()
-    if hasattr(model, "reconstruct"):
+    if isinstance(model, Reconstructing):
         r = model.reconstruct(x)
         assert r.shape == x.shape and r.min() >= 0 and r.max() <= 1
+    if isinstance(model, Autoencoding):  # encode is one Tensor (a VAE's posterior mean), decode inverts it
+        z = model.encode(x)
+        assert isinstance(z, torch.Tensor) and z.shape == (6, model.latent_dim)
+        assert model.decode(z).shape == x.shape
+
+
+# which protocols each family of the talk implements (models/base.py); a new family adds its row
+PROTOCOLS = {
+    "ae": {Autoencoding},
+    "vae": {Autoencoding, Likelihood},
+    "gan": {Adversarial},
+    "realnvp": {Likelihood},
+    "glow": {Likelihood},
+    "ddpm": {Likelihood},
+    "ldm": {Reconstructing, Preparable},
+    "pixelcnn": {Likelihood},
+    "pixel_transformer": {Likelihood},
+}
+
+
+@pytest.mark.parametrize("option", FAMILIES)
+def test_each_family_implements_its_protocols(option, tmp_path, build):
+    model, _ = build(option, tmp_path)
+    assert isinstance(model, Adversarial if Adversarial in PROTOCOLS.get(option, ()) else Generative)
+    for protocol in (Likelihood, Reconstructing, Autoencoding, Preparable):
+        implied = protocol is Reconstructing and Autoencoding in PROTOCOLS.get(option, ())
+        expected = protocol in PROTOCOLS.get(option, ()) or implied
+        assert isinstance(model, protocol) == expected, f"{option}: {protocol.__name__}"
+
+
+def test_latent_diffusion_prepares_from_the_datamodule(tmp_path, build):
+    """``prepare`` takes its calibration_images (model.calibration_images, 2048 by default) fixed
+    training images from the datamodule, once: a resumed run keeps its measured statistics."""
+    from types import SimpleNamespace
+
+    model, cfg = build("ldm", tmp_path)
+    assert model.calibration_images == 2048 and not model.calibrated
+    asked = []
+
+    def fixed_batch(split, n):
+        asked.append((split, n))
+        return batch(cfg, 8), None
+
+    model.prepare(SimpleNamespace(fixed_batch=fixed_batch))
+    shift = model.latent_shift.clone()
+    assert model.calibrated and asked == [("train", 2048)]
+    model.prepare(SimpleNamespace(fixed_batch=fixed_batch))
+    assert asked == [("train", 2048)] and torch.equal(model.latent_shift, shift)
 
 
 @pytest.mark.parametrize("option", FAMILIES)

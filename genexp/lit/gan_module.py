@@ -14,7 +14,7 @@ wrapper, and ``global_step`` counts G steps only. ``metrics.json``'s ``global_st
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,6 @@ from torch import nn
 
 from genexp.errors import ConfigError, GenexpError, check_float
 from genexp.lit.compat import find_unused_parameters
-from genexp.lit.divergence import DivergenceGuard
 from genexp.lit.module import GenerativeModule
 from genexp.models.base import Adversarial
 
@@ -80,15 +79,12 @@ class GANModule(GenerativeModule):
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: Callable,
-        scheduler: Callable | None = None,
-        config: dict | None = None,
-        divergence: DivergenceGuard | None = None,
-        optimizers: dict | None = None,
+        *args: Any,
+        optimizers: Mapping | None = None,
         clip_grad_norm: float | None = None,
+        **kwargs: Any,
     ):
-        super().__init__(model, optimizer, scheduler, config, divergence)
+        super().__init__(*args, **kwargs)  # model, optimizer, scheduler, config, divergence
         self.automatic_optimization = False
         self.optimizer_args = network_optimizer_args(DCGAN_OPTIMIZERS if optimizers is None else optimizers)
         self.clip_grad_norm = (
