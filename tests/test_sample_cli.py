@@ -156,3 +156,15 @@ def test_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for command, summary in COMMANDS.items():
         assert f"  {command:<9} {summary}" in text
+
+
+def test_the_user_checks_are_pure_python():
+    """``genexp.checks`` is shared by every layer, diffusion/ included: no torch, Lightning, Hydra or
+    OmegaConf behind it."""
+    code = (
+        "import sys, genexp.checks\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'lightning', 'pytorch_lightning', 'hydra', 'omegaconf')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
