@@ -12,11 +12,13 @@ from pathlib import Path
 HYDRA_DIR = ".hydra"  # Hydra's record of the run: the composed config and the command-line overrides
 CONFIG_YAML = "config.yaml"
 OVERRIDES_YAML = "overrides.yaml"
+HYDRA_YAML = "hydra.yaml"  # Hydra's own settings of the run (the job name, the sweep)
 CHECKPOINTS = "checkpoints"
 LAST_CKPT = "last.ckpt"  # the newest training state: what resume continues from
 BEST_CKPT = "best.ckpt"  # the monitored best weights: what the run's own test scored
 METRICS_JSON = "metrics.json"  # the run's results (fit, test, evaluation)
-METRICS_CSV = "metrics.csv"  # the csv logger's curves
+METRICS_CSV = "metrics.csv"  # the csv logger's curves, under CSV_DIR
+CSV_DIR = "csv"
 EVALUATION_JSON = "evaluation.json"  # genexp evaluate's full record
 SAMPLES = "samples"  # sample grids and .npz files
 COMPARE_FAILED = "compare_failed.json"  # genexp compare's mark on a run that failed
