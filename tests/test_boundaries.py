@@ -18,6 +18,9 @@ PURE = [
     "genexp.lr_schedulers",
     "genexp.errors",
     "genexp.resume",
+    "genexp.checks",
+    "genexp.layout",
+    "genexp.atomic",
 ]
 FORBIDDEN = ("pytorch_lightning", "lightning", "hydra", "omegaconf")
 PACKAGE = Path(__file__).resolve().parents[1] / "genexp"
