@@ -1,4 +1,6 @@
-"""The only place a config constructs anything: an explicit registry of configurable targets.
+"""The only place a config constructs anything: an explicit registry of configurable targets, the
+family's model (with latent diffusion's first stage), and a training run's parts (module,
+callbacks, logger, Trainer: :func:`build_run`).
 
 A ``_target_`` is constructed only if its dotted name is registered here, exactly: the classes and
 schedule functions that ``configs/`` names, ``torch.optim``'s optimizers, the Lightning classes genexp

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from genexp.errors import GenexpError
+from genexp.layout import LOCK
 
 log = logging.getLogger("genexp")
-LOCK_NAME = ".genexp.lock"
+LOCK_NAME = LOCK
 
 
 def _holder(path: Path) -> str:
@@ -52,6 +53,7 @@ def run_lock(run_dir: Path, key: str = "paths.output_dir") -> Iterator[None]:
                 f"{key}={run_dir}: {_holder(path)} is writing this run now; wait until it ends (or stop it), "
                 "then resume with ckpt_path=<run dir>, or start a new run"
             ) from None
+        # the holder's name, written in place: the lock lives on this file, so no atomic rename here
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         try:
