@@ -28,6 +28,7 @@ from genexp.data.base import Splits
 from genexp.errors import GenexpError, check_choice
 from genexp.metrics.features import FEATURES, default_cache_dir, feature_extractor
 from genexp.metrics.sampling import sample_uint8, sampling_speed
+from genexp.models.base import Likelihood, Reconstructing
 
 log = logging.getLogger("genexp")
 
@@ -282,13 +283,13 @@ def model_results(subject: Subject, settings: EvalSettings) -> dict:
     model, real, device, wanted = subject.model, subject.real, subject.device, settings.metrics
     results: dict[str, Any] = {}
     if "bpd" in wanted:
-        if hasattr(model, "nll_bpd"):
+        if isinstance(model, Likelihood):
             results["bpd"] = mean_bpd(model, real, settings.batch_size, device, settings.seed)
             results["bpd_num_images"] = len(real)
         else:
             results["bpd"] = NA
     if "recon" in wanted:
-        if hasattr(model, "reconstruct"):
+        if isinstance(model, Reconstructing):
             recon = reconstruction(model, real, settings.batch_size, device)
             results.update({f"recon_{k}": v for k, v in recon.items()})
         else:

@@ -14,11 +14,8 @@ Pure Python (no torch import), so the console entry point can install it before 
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import threading
-import time
 from typing import Any
 
 # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry": resume the run
@@ -81,16 +78,3 @@ def block() -> None:
     if threading.current_thread() is threading.main_thread():
         for name in STOP_SIGNALS:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-def fault_pause(phase: str) -> None:
-    """Fault injection for tests: with ``GENEXP_FAULT_PAUSE=<phase>[:<seconds>]`` the process logs
-    ``fault injection: pausing in <phase>`` there and sleeps (60 s by default), so a test can send a
-    signal inside that phase (``validation``, ``test``, ``sample_grid``)."""
-    value = os.environ.get("GENEXP_FAULT_PAUSE")
-    if not value:
-        return
-    name, _, seconds = value.partition(":")
-    if name == phase:
-        logging.getLogger("genexp").warning("fault injection: pausing in %s", phase)
-        time.sleep(float(seconds or 60))
