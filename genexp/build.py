@@ -367,7 +367,7 @@ def build_callbacks(
 ) -> tuple[list, bool]:
     """The Trainer's callbacks in the order their hooks must run, and whether genexp handles SLURM's
     preemption (the step checkpoint's ``preemption``)."""
-    from genexp.lit.checkpointing import ResumePosition
+    from genexp.lit.resume_position import ResumePosition
     from genexp.lit.rng_state import RNGState
 
     configured = [
@@ -406,7 +406,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger: Any, precision: Any,
     """``cfg.trainer`` with genexp's callbacks, logger and checkpoint IO."""
     import pytorch_lightning as pl
 
-    from genexp.lit.checkpointing import AtomicCheckpointIO, slurm_plugins
+    from genexp.lit.checkpoint_io import AtomicCheckpointIO
+    from genexp.lit.preemption import slurm_plugins
 
     return instantiate(
         cfg.trainer,

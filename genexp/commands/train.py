@@ -24,12 +24,12 @@ import torch
 from omegaconf import DictConfig
 
 from genexp import atomic, layout
-from genexp.build import Run, build_logger, build_run, is_wandb  # noqa: F401 - build_logger: until evaluation imports it from build
+from genexp.build import Run, build_run, is_wandb
 from genexp.checkpoints import check_weights_fit, read
 from genexp.errors import GenexpError
 from genexp.lit.callbacks import EpochSummary, Throughput
-from genexp.lit.checkpointing import Preempted
 from genexp.lit.loggers import finish_wandb
+from genexp.lit.preemption import Preempted
 from genexp.resume import requeue_checkpoint, resolve_checkpoint
 from genexp.rundir import launched_rank
 from genexp.runlock import run_lock
