@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import hydra
 import torch
 from hydra import compose, initialize_config_module
 
 import genexp.commands.train
+from genexp.build import build_model, instantiate
 from genexp.lit.callbacks import Throughput
 
 TARGET = 1.05  # the issue's target for the runner's overhead
@@ -76,9 +76,9 @@ def compose_cfg(args: argparse.Namespace, output_dir: str):
 def run_plain(cfg, epochs: int) -> list[tuple[int, float]]:
     """The plain loop; returns ``(images, seconds)`` per epoch, timed like ``Throughput``."""
     torch.manual_seed(cfg.seed)  # what pl.seed_everything does to torch: the same initial weights
-    data = hydra.utils.instantiate(cfg.dataset).load().train
-    model = hydra.utils.instantiate(cfg.model).train()
-    optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
+    data = instantiate(cfg.dataset, "dataset").load().train
+    model = build_model(cfg).train()
+    optimizer = instantiate(cfg.optimizer, "optimizer")(model.parameters())
     images, labels, batch_size = data.images, data.labels, cfg.data.batch_size
     steps = len(images) // batch_size  # drop_last, as the DataModule's train loader
     out = []
