@@ -347,7 +347,10 @@ def build_module(
     from genexp.lit.gan_module import module_for
     from genexp.lit.performance import clips_under_amp
 
-    clipped_amp = clips_under_amp(precision, cfg.trainer.get("gradient_clip_val"), model)
+    recipe = plain_config(cfg.module) if cfg.get("module") else None
+    clipped_amp = clips_under_amp(
+        precision, cfg.trainer.get("gradient_clip_val"), (recipe or {}).get("clip_grad_norm")
+    )
     optimizer = performance.optimizer(instantiate(cfg.optimizer, "optimizer"), clipped_amp)
     try:
         optimizer([torch.nn.Parameter(torch.zeros(1))])
@@ -355,7 +358,6 @@ def build_module(
         raise GenexpError(f"optimizer: {err}") from None
     scheduler = instantiate(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None
     divergence = instantiate(cfg.divergence, "divergence") if cfg.get("divergence") else DivergenceGuard()
-    recipe = plain_config(cfg.module) if cfg.get("module") else None
     module = module_for(
         model, recipe, optimizer=optimizer, scheduler=scheduler, config=config, divergence=divergence
     )

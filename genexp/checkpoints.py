@@ -22,6 +22,7 @@ from torch import nn
 
 from genexp.errors import GenexpError
 from genexp.layout import BEST_CKPT, LAST_CKPT
+from genexp.models.base import Autoencoding
 from genexp.resume import resolve_checkpoint
 from genexp.rundir import run_dir_of
 
@@ -267,7 +268,7 @@ def load_first_stage(value: str) -> LoadedModel:
 
 
 def check_first_stage_family(model: nn.Module, value: object) -> None:
-    if not all(hasattr(model, a) for a in ("encode", "decode", "latent_dim")):
+    if not isinstance(model, Autoencoding):
         raise GenexpError(
             f"model.first_stage={value}: a {type(model).__name__} checkpoint; latent diffusion needs "
             "an AE or VAE run (a family with encode, decode and latent_dim)"

@@ -81,7 +81,7 @@ def of_model_config(model_node: Mapping) -> Family | None:
     node = model_node.get(NODE)
     if target and isinstance(node, Mapping):
         name = target.rsplit(".", 1)[-1].lower()
-        return parse(name, node, where=f"the stored config of {target}", target=target)
+        return parse(name, node, where=f"the stored config of {target}: ", target=target)
     return None
 
 
@@ -91,41 +91,42 @@ def _all() -> dict[str, Family]:
 
 
 def _read(name: str) -> Family:
-    where = f"configs/model/{name}.yaml"
+    where = f"configs/model/{name}.yaml: "
     try:
         data = yaml.safe_load((_model_dir() / f"{name}.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise GenexpError(f"{where}: cannot be read ({type(err).__name__}); restore it") from None
+        raise GenexpError(f"{where}cannot be read ({type(err).__name__}); restore it") from None
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get(NODE), dict):
         raise GenexpError(
-            f"{where}: no model.{NODE} node; add one with {', '.join(FIELDS)} (as every configs/model/*.yaml has)"
+            f"{where}no model.{NODE} node; add one with {', '.join(FIELDS)} (as every configs/model/*.yaml has)"
         )
     return parse(name, model[NODE], where=where, target=str(model.get("_target_", "")))
 
 
 def parse(name: str, node: Mapping, where: str, target: str = "") -> Family:
     """A ``family:`` node as a :class:`Family`, checked: it is data only, so a misspelt field or
-    mark is refused in one line naming the file and key rather than ignored."""
+    mark is refused in one line naming the file and key rather than ignored. ``where``: what the
+    message starts with (``"configs/model/vae.yaml: "``; empty for the composed config)."""
     key = f"model.{NODE}"
     node = dict(node)
     unknown = [k for k in node if k not in FIELDS]
     if unknown:
         raise GenexpError(
-            f"{where}: {key}.{unknown[0]}: not a family field; the fields are {', '.join(FIELDS)}"
+            f"{where}{key}.{unknown[0]}: not a family field; the fields are {', '.join(FIELDS)}"
         )
     label = node.get("label")
     if not isinstance(label, str) or not label.strip():
-        raise GenexpError(f"{where}: {key}.label={label!r}: must be the family's name in words")
+        raise GenexpError(f"{where}{key}.label={label!r}: must be the family's name in words")
     return Family(
         name=name,
         label=label,
-        ratings=_ratings(node.get("ratings") or {}, where, f"{key}.ratings"),
+        ratings=_ratings(node.get("ratings", {}), where, f"{key}.ratings"),
         sample_options=_strings(
-            node.get("sample_options") or [], where, f"{key}.sample_options", SAMPLE_OPTIONS
+            node.get("sample_options", []), where, f"{key}.sample_options", SAMPLE_OPTIONS
         ),
         needs_first_stage=_flag(node.get("needs_first_stage", False), where, f"{key}.needs_first_stage"),
-        tiny=_overrides(node.get("tiny") or [], where, f"{key}.tiny"),
+        tiny=_overrides(node.get("tiny", []), where, f"{key}.tiny"),
         target=target,
     )
 
@@ -133,33 +134,33 @@ def parse(name: str, node: Mapping, where: str, target: str = "") -> Family:
 def _ratings(value: Any, where: str, key: str) -> dict[str, str]:
     """Every aspect's mark; an aspect the node leaves out is not rated."""
     if not isinstance(value, Mapping):
-        raise GenexpError(f"{where}: {key}={value!r}: must map {', '.join(ASPECTS)} to a mark")
+        raise GenexpError(f"{where}{key}={value!r}: must map {', '.join(ASPECTS)} to a mark")
     for aspect, mark in value.items():
         if aspect not in ASPECTS:
-            raise GenexpError(f"{where}: {key}.{aspect}: not an aspect; the aspects are {', '.join(ASPECTS)}")
+            raise GenexpError(f"{where}{key}.{aspect}: not an aspect; the aspects are {', '.join(ASPECTS)}")
         if mark not in (*RATINGS, NOT_RATED):
             raise GenexpError(
-                f"{where}: {key}.{aspect}={mark!r}: not one of {', '.join((*RATINGS, NOT_RATED))}"
+                f"{where}{key}.{aspect}={mark!r}: not one of {', '.join((*RATINGS, NOT_RATED))}"
             )
     return {aspect: str(value.get(aspect, NOT_RATED)) for aspect in ASPECTS}
 
 
 def _strings(value: Any, where: str, key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     if not isinstance(value, list | tuple):
-        raise GenexpError(f"{where}: {key}={value!r}: must be a list (of {', '.join(allowed)})")
+        raise GenexpError(f"{where}{key}={value!r}: must be a list (of {', '.join(allowed)})")
     for item in value:
         if item not in allowed:
-            raise GenexpError(f"{where}: {key}: {item!r} is not one of {', '.join(allowed)}")
+            raise GenexpError(f"{where}{key}: {item!r} is not one of {', '.join(allowed)}")
     return tuple(value)
 
 
 def _flag(value: Any, where: str, key: str) -> bool:
     if not isinstance(value, bool):
-        raise GenexpError(f"{where}: {key}={value!r}: must be true or false")
+        raise GenexpError(f"{where}{key}={value!r}: must be true or false")
     return value
 
 
 def _overrides(value: Any, where: str, key: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(o, str) and "=" in o for o in value):
-        raise GenexpError(f"{where}: {key}={value!r}: must be a list of key=value overrides")
+        raise GenexpError(f"{where}{key}={value!r}: must be a list of key=value overrides")
     return tuple(value)

@@ -14,19 +14,7 @@ import os
 import re
 from collections.abc import Callable
 
-from genexp.atomic import write_refusal
-
-# an OSError with one of these is the environment refusing a write, not a bug in genexp
-WRITE_ERRORS = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EFBIG,
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENOTDIR,
-    errno.EEXIST,
-}
+from genexp.atomic import is_full, write_refusal
 
 
 def _lines(text: str) -> list[str]:
@@ -59,7 +47,8 @@ def _unknown_key(err, cause) -> str:
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
     node = getattr(cause, "parent_node", None)
     keys = [str(k) for k in (node.keys() if node is not None else []) if not str(k).startswith("_")]
-    keys = [k for k in keys if k != "hydra"]
+    # hydra: Hydra's own node; model.family: the family's metadata, not a constructor argument
+    keys = [k for k in keys if k != "hydra" and not (parent == "model" and k == "family")]
     close = difflib.get_close_matches(key, keys, n=1)
     prefix = f"{parent}." if parent else ""
     hint = f"; did you mean {prefix}{close[0]}?" if close else ""
@@ -74,7 +63,7 @@ def _unknown_key(err, cause) -> str:
 def _not_writable(err: OSError) -> str:
     where = os.path.abspath(err.filename) if err.filename else "the run dir"
     reason = err.strerror or type(err).__name__
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if is_full(err):
         return f"cannot write {where}: {reason}; free space or write elsewhere with paths.log_dir=<folder>"
     if err.errno in (errno.EACCES, errno.EPERM):  # may be a read as well as a write
         return f"{where}: {reason}; check its permissions (outputs go under paths.log_dir=<folder>)"
@@ -101,7 +90,7 @@ def describe(err: BaseException) -> str | None:
         if getattr(cause, "full_key", None) and "not in struct" in str(cause):
             return _unknown_key(err, cause)
         return "; ".join(_lines(str(err))) or type(err).__name__
-    refused = write_refusal(err, WRITE_ERRORS)
+    refused = write_refusal(err)
     if refused is not None:
         return _not_writable(refused)
     return None

@@ -44,6 +44,7 @@ def check(cfg: DictConfig, values: dict | None = None) -> None:
     except ConfigError as err:
         raise GenexpError(str(err)) from None
     model_fits_the_data(values)
+    family_node(values)
     pairwise_metrics_have_pairs(values)
     from genexp.data.base import check_cache_dir
 
@@ -366,19 +367,32 @@ def _strategies() -> list[str]:
     return ["auto", *sorted(StrategyRegistry.available_strategies())]
 
 
+def family_node(values: dict) -> None:
+    """The model's ``family:`` metadata (read by report, compare and sample) is data: a bad
+    override of it is refused now, in one line, not ignored."""
+    from genexp.families import FIELDS, NODE, parse
+
+    node = (values.get("model") or {}).get(NODE)
+    if isinstance(node, dict):
+        parse("", node, where="")
+    elif node is not None:
+        raise GenexpError(f"model.{NODE}={node!r}: must be a mapping with the fields {', '.join(FIELDS)}")
+
+
 def optimizer_arguments(values: dict) -> None:
-    """``optimizer.*`` and every ``model.*_optimizer`` mapping of extra arguments (checked against
-    the optimizer's constructor: the mapping is passed to it)."""
+    """``optimizer.*`` and each network's extra arguments under ``module.optimizers.<network>`` (a
+    recipe such as the GAN's; checked against the optimizer's constructor: they are passed to it)."""
     optimizer = values.get("optimizer") or {}
     _optimizer_ranges(optimizer, "optimizer")
     hints = _hints(str(optimizer.get("_target_", "")))
-    for name, node in (values.get("model") or {}).items():
-        if name.endswith("optimizer") and isinstance(node, dict) and "_target_" not in node:
-            _optimizer_ranges(node, f"model.{name}")
+    for name, node in ((values.get("module") or {}).get("optimizers") or {}).items():
+        if isinstance(node, dict):
+            key = f"module.optimizers.{name}"
+            _optimizer_ranges(node, key)
             for arg, value in node.items():
                 problem = _problem(value, hints[arg]) if arg in hints else None
                 if problem:
-                    raise ConfigError(f"model.{name}.{arg}", value, problem)
+                    raise ConfigError(f"{key}.{arg}", value, problem)
 
 
 def _optimizer_ranges(args: dict, key: str) -> None:

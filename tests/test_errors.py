@@ -323,8 +323,11 @@ def test_allow_list_checks_what_a_target_resolves_to(tmp_path):
     with pytest.raises(GenexpError) as err:
         train(compose_cfg([*tiny("vae"), *evil], tmp_path / "run"))
     one_line(err, BYPASS)
-    loader = ["++callbacks.evil._target_=genexp.commands.train.torch.load", f"++callbacks.evil._args_=['{marker}']"]
-    with pytest.raises(GenexpError, match=r"genexp\.run\.torch\.load: not a configurable target"):
+    loader = [
+        "++callbacks.evil._target_=genexp.commands.train.torch.load",
+        f"++callbacks.evil._args_=['{marker}']",
+    ]
+    with pytest.raises(GenexpError, match=r"genexp\.commands\.train\.torch\.load: not a configurable target"):
         train(compose_cfg([*tiny("vae"), *loader], tmp_path / "run"))
     assert not marker.exists() and not list(tmp_path.rglob("*.ckpt"))
 

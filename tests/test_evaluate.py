@@ -11,9 +11,9 @@ import pytest
 from conftest import compose_cfg, tiny
 from test_sample_cli import compose_app, genexp
 
-from genexp.errors import GenexpError
 from genexp.commands.evaluate import evaluate
 from genexp.commands.train import train
+from genexp.errors import GenexpError
 
 FAST = ["eval.num_samples=32", "eval.classifier_epochs=1", "eval.speed_repeats=1", "eval.speed_batch_size=8"]
 

@@ -96,7 +96,7 @@ def test_a_stored_config_without_a_family_node_finds_its_family():
 )
 def test_a_bad_family_node_is_one_line_naming_the_file_and_key(node, message):
     with pytest.raises(GenexpError) as err:
-        families.parse("x", node, where="w.yaml")
+        families.parse("x", node, where="w.yaml: ")
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 

@@ -474,7 +474,7 @@ def test_device_data_run_sees_the_dataloader_batches_also_after_a_resume(tmp_pat
     assert [v for _, v in device_resumed] == [v for _, v in host_resumed]
     # the resumed loader skipped what was trained: neither epoch's first batch again
     # stopped by max_steps inside epoch 0 and resumed: the rest of epoch 0, then epoch 1, exactly as
-    # the run that never stopped (genexp.lit.checkpointing.reopen_stopped_epoch)
+    # the run that never stopped (genexp.lit.resume_position.reopen_stopped_epoch)
     assert [v for _, v in device_resumed] == [v for _, v in resident]
 
 

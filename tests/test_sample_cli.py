@@ -16,9 +16,9 @@ from conftest import compose_cfg, group_options, tiny
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from genexp.errors import GenexpError
-from genexp.commands.train import train
 from genexp.commands.sample import sample
+from genexp.commands.train import train
+from genexp.errors import GenexpError
 
 GENEXP = shutil.which("genexp", path=str(Path(sys.executable).parent)) or "genexp"
 # ldm needs a trained first stage (the session's first_stage_run); the others train from nothing

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import group_options
 
-from genexp.errors import GenexpError
 from genexp.commands.train import train
+from genexp.errors import GenexpError
 
 
 def read_json(path):

@@ -26,16 +26,16 @@ from conftest import compose_cfg, tiny
 from test_sample_cli import compose_app, genexp
 
 from genexp import atomic
-from genexp.errors import GenexpError
 from genexp.commands.evaluate import evaluate
+from genexp.commands.report import write_report
+from genexp.commands.sample import sample
+from genexp.commands.train import train
+from genexp.errors import GenexpError
 from genexp.models.autoregressive import LogisticMixture, to_levels
 from genexp.models.gan import truncated_normal
 from genexp.models.pixel_transformer import SOS, PixelTransformer
 from genexp.models.pixelcnn import PixelCNN
-from genexp.commands.report import write_report
 from genexp.report import MANIFEST
-from genexp.commands.train import train
-from genexp.commands.sample import sample
 
 FAMILIES = ("gan", "pixelcnn", "pixel_transformer")
 ROOT = os.geteuid() == 0  # root writes through chmod 0500

@@ -26,9 +26,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
 from genexp.lit import compat
-from genexp.lit.checkpoint_io import AtomicCheckpointIO  # noqa: F401 - re-exported until commands/train.py imports it from checkpoint_io
-from genexp.lit.preemption import Preempted, requeue_slurm_job, slurm_plugins, tell_wandb_preempted  # noqa: F401
-from genexp.lit.resume_position import ResumePosition  # noqa: F401 - re-exported, as AtomicCheckpointIO
+from genexp.lit.preemption import Preempted, requeue_slurm_job, tell_wandb_preempted
 from genexp.signals import PREEMPTED_EXIT_CODE, STOP_SIGNALS, Interrupted, exit_status, signal_name
 
 log = logging.getLogger("genexp")

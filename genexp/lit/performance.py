@@ -70,7 +70,7 @@ def clips_under_amp(precision: str, gradient_clip_val, clip_grad_norm: float | N
     fused optimizer's gradients (a fused step unscales them itself, after the clipping point).
     ``clip_grad_norm``: a module's own clipping under manual optimization (the GAN's
     ``module.clip_grad_norm``)."""
-    clips = bool(gradient_clip_val) or isinstance(clip_grad_norm, int | float)
+    clips = bool(gradient_clip_val) or clip_grad_norm is not None
     return str(precision).endswith("-mixed") and clips
 
 

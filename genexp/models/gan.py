@@ -19,6 +19,7 @@ Images are in [0, 1] outside the model and in [-1, 1] (G's tanh range) inside it
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -81,6 +82,9 @@ class GAN(nn.Module):
             before the training recipe moved to the config's ``module:`` node
             (``module.clip_grad_norm``, ``module.optimizers``) rebuild.
     """
+
+    # validation logs computed over pairs of images within one batch (they need data.batch_size >= 2)
+    pairwise_logs: ClassVar[tuple[str, ...]] = ("diversity", "energy")
 
     def __init__(
         self,
