@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,19 +34,35 @@ def _modules(package: str) -> list[str]:
     return [package + "." + p.stem if p.stem != "__init__" else package for p in sorted(path.glob("*.py"))]
 
 
-@pytest.mark.parametrize("package", PURE)
-def test_pure_packages_import_no_lightning_hydra_omegaconf(package):
-    modules = _modules(package)
-    code = (
-        "import sys\n"
-        f"for m in {modules!r}: __import__(m)\n"
-        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
-        "print(','.join(bad))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == "", f"{package} pulls in {out}"
+# one interpreter imports the packages one after another and stops at the first that loads a forbidden
+# module; what the earlier ones loaded was clean, so each package's own import is judged (a fresh
+# interpreter after each offender): one torch start instead of one per package
+_PROBE = """
+import json, sys
+for package, modules in {packages!r}:
+    for m in modules:
+        __import__(m)
+    bad = sorted(m for m in sys.modules if m.split(".")[0] in {forbidden!r})
+    if bad:
+        print(json.dumps([package, bad]))
+        break
+"""
+
+
+def test_pure_packages_import_no_lightning_hydra_omegaconf():
+    todo = [(package, _modules(package)) for package in PURE]
+    offenders = []
+    while todo:
+        code = _PROBE.format(packages=todo, forbidden=FORBIDDEN)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if not out:
+            break
+        package, bad = json.loads(out)
+        offenders.append(f"{package} pulls in {', '.join(sorted({m.split('.')[0] for m in bad}))}")
+        todo = todo[[p for p, _ in todo].index(package) + 1 :]
+    assert not offenders, "\n".join(offenders)
 
 
 def test_cli_imports_no_torch_at_module_top():
