@@ -42,6 +42,10 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert cfg["optimizer"]["_target_"] == "torch.optim.AdamW" and cfg["optimizer"]["lr"] == 3e-4
 
 
+# make test: the same resume from a run dir alone (its overrides replayed, the same run dir) runs as
+# `genexp train ckpt_path=<run>` in test_signals.py (bit-identical to an uninterrupted run) and
+# test_distributed.py (DDP, from another working dir, global_step 3 -> 6, no second run dir)
+@pytest.mark.slow
 def test_runs_from_any_directory_and_resumes_in_the_same_run_dir(tmp_path):
     run = tmp_path / "somewhere" / "run"
     first = genexp("train", *tiny("ae"), f"hydra.run.dir={run}", cwd=tmp_path)
@@ -68,6 +72,9 @@ def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
         assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
 
 
+# make test: every experiment composes and builds in-process (test_configs.py), a recipe's top-level
+# keys hold (test_an_experiment_sets_top_level_keys) and the csv logger writes metrics.csv (test_train.py)
+@pytest.mark.slow
 def test_experiment_recipe_with_csv_logger(tmp_path):
     run = tmp_path / "run"
     out = genexp(
