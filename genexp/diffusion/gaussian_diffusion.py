@@ -18,10 +18,7 @@ from genexp.diffusion.noise_schedule import NoiseSchedule
 from genexp.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES, check_objective, loss_weight
 from genexp.diffusion.samplers import sample_loop
 from genexp.errors import ConfigError, check_choice, check_float, check_int
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from genexp.models.base import upcast
 
 
 class GaussianDiffusion(nn.Module):
@@ -62,7 +59,7 @@ class GaussianDiffusion(nn.Module):
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε̂(x_t, t) whatever the network predicts (the samplers and the bound work in ε)."""
-        out = _upcast(self.net(x_t, t))
+        out = upcast(self.net(x_t, t))
         return OBJECTIVES[self.objective].to_eps(self.schedule, out, x_t.to(out.dtype), t)
 
     def training_loss(self, x0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -71,7 +68,7 @@ class GaussianDiffusion(nn.Module):
         t = torch.randint(0, self.timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.schedule.q_sample(x0, t, noise)
-        out = _upcast(self.net(x_t, t))
+        out = upcast(self.net(x_t, t))
         target = OBJECTIVES[self.objective].target(self.schedule, x0, noise, t).to(out.dtype)
         mse = (out - target).pow(2).flatten(1).mean(1)  # (B,)
         weight = loss_weight(
