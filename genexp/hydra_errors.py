@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 
 from genexp.atomic import is_full, write_refusal
+from genexp.hydra_compat import wrap_error_report
 
 
 def _lines(text: str) -> list[str]:
@@ -111,27 +112,22 @@ def _bad_override(err) -> str:
 def report_in_one_line(fail: Callable[[str], None]) -> None:
     """Route Hydra's error report through :func:`describe`; ``fail(line)`` prints it and exits.
 
-    Hydra 1.3 reports through ``hydra._internal.utils.run_and_report`` (no public hook); errors
+    Hydra 1.3 has no hook for its report (:func:`genexp.hydra_compat.wrap_error_report`); errors
     :func:`describe` does not know keep Hydra's report."""
-    from hydra._internal import hydra as hydra_main
-    from hydra._internal import utils
 
-    original = utils.run_and_report
-    if getattr(original, "genexp_one_line", False):
-        return
+    def one_line(original):
+        def run_and_report(func):
+            def compact():
+                try:
+                    return func()
+                except Exception as err:
+                    line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else describe(err)
+                    if line is None:
+                        raise
+                    fail(line)
 
-    def run_and_report(func):
-        def compact():
-            try:
-                return func()
-            except Exception as err:
-                line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else describe(err)
-                if line is None:
-                    raise
-                fail(line)
+            return original(compact)
 
-        return original(compact)
+        return run_and_report
 
-    run_and_report.genexp_one_line = True
-    utils.run_and_report = run_and_report
-    hydra_main.run_and_report = run_and_report
+    wrap_error_report(one_line)

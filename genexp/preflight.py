@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from genexp.errors import ConfigError, GenexpError
+from genexp.hydra_compat import child, is_interpolation, is_null, raw_value
 
 INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything enforces
@@ -65,7 +66,7 @@ def interpolations(cfg: DictConfig) -> dict:
 
 def required_nodes(cfg: DictConfig) -> None:
     for key in REQUIRED:
-        if key not in cfg or cfg._get_node(key)._is_none():
+        if key not in cfg or is_null(child(cfg, key)):
             raise GenexpError(
                 f"{key}: missing from the config (deleted with ~{key}?); genexp train needs it: "
                 f"drop ~{key}, or pick one with {key}=<option> (genexp train --help lists them)"
@@ -74,11 +75,8 @@ def required_nodes(cfg: DictConfig) -> None:
 
 def _raw(cfg: DictConfig, key: str) -> Any:
     """The value of ``key`` as written (an interpolation stays a string), or None."""
-    node: Any = cfg
     try:
-        for part in str(key).split("."):
-            node = node._get_node(part)
-        return node._value()
+        return raw_value(cfg, key)
     except Exception:  # noqa: BLE001 - only used to quote the value in a message
         return None
 
@@ -256,10 +254,10 @@ def _describe(kinds: set[str], choices: list) -> str:
 
 def _hints(target: str) -> dict[str, Any]:
     """The constructor annotations of ``target`` (empty where they cannot be read)."""
-    from hydra._internal.utils import _locate
+    from hydra.utils import get_object
 
     try:
-        obj = _locate(target)
+        obj = get_object(target)
         fn = obj.__init__ if inspect.isclass(obj) else obj
         hints = typing.get_type_hints(fn)
         params = inspect.signature(fn).parameters
@@ -290,18 +288,17 @@ def arguments_fit_their_constructors(cfg: DictConfig, values: dict) -> None:
                 if problem:
                     raise ConfigError(f"{key}.{name}", value, problem)
         for name in _model_last(node):
-            child = node._get_node(name)
-            if isinstance(child, DictConfig) and not child._is_interpolation() and not child._is_none():
-                visit(child, plain.get(name), f"{key}.{name}" if key else str(name))
+            sub = child(node, name)
+            if isinstance(sub, DictConfig) and not is_interpolation(sub) and not is_null(sub):
+                visit(sub, plain.get(name), f"{key}.{name}" if key else str(name))
 
     visit(cfg, values, "")
 
 
 def _is_built(node: DictConfig, name: str, value: Any) -> bool:
     """A value that is itself a config node (another ``_target_``, or one that points at one)."""
-    child = node._get_node(name)
     return (isinstance(value, dict) and "_target_" in value) or bool(
-        child is not None and child._is_interpolation() and isinstance(value, dict)
+        is_interpolation(child(node, name)) and isinstance(value, dict)
     )
 
 
