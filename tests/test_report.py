@@ -117,8 +117,11 @@ def test_report_renders_in_chromium_with_every_image(compared):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         if os.environ.get("GENEXP_ALLOW_NO_BROWSER") == "1":
-            pytest.skip("no chromium here and GENEXP_ALLOW_NO_BROWSER=1 (CI installs it: .ci/run)")
-        pytest.fail("chromium not found: apt-get install chromium (or set GENEXP_ALLOW_NO_BROWSER=1 locally)")
+            pytest.skip("no chromium here and GENEXP_ALLOW_NO_BROWSER=1 (make test installs it)")
+        pytest.fail(
+            "chromium not found: make test installs it (apt); or apt-get install chromium, "
+            "or set GENEXP_ALLOW_NO_BROWSER=1 locally"
+        )
     flags = [
         browser,
         "--headless",
