@@ -40,13 +40,16 @@ browser:
 # cores: test_train + test_diffusion_models 49 s with 1 thread, 115 s with 2); override with
 # OMP_NUM_THREADS=2 make test
 OMP_NUM_THREADS ?= 1
+# the suite is split over two worker processes (pytest-xdist), one per core of a 2-core machine;
+# TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
 TEST_ENV = WANDB_MODE=disabled OMP_NUM_THREADS=$(OMP_NUM_THREADS)
 
 test: $(STAMP) browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: $(STAMP) browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check genexp tests scripts
