@@ -25,6 +25,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
+from genexp.layout import LAST_CKPT
 from genexp.lit import compat
 from genexp.lit.preemption import Preempted, requeue_slurm_job, tell_wandb_preempted
 from genexp.signals import PREEMPTED_EXIT_CODE, STOP_SIGNALS, Interrupted, exit_status, signal_name
@@ -48,7 +49,7 @@ class StepCheckpoint(pl.Callback):
             as Lightning's own SLURM handling would; the requeued job resumes from ``last.ckpt``.
     """
 
-    FILENAME = "last.ckpt"
+    FILENAME = LAST_CKPT
     clock = staticmethod(time.monotonic)  # seconds; tests replace it
 
     def __init__(

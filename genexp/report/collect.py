@@ -27,8 +27,7 @@ log = logging.getLogger("genexp")
 RECALL_COLLAPSE = 0.05  # recall (Kynkaanniemi et al. 2019) below this
 DIVERSITY_COLLAPSE = 0.2  # pixel-space diversity ratio (genexp.metrics.diversity) below this
 NA = "n/a"  # a metric the family cannot have (genexp evaluate writes it too)
-HYDRA_YAML = "hydra.yaml"  # in .hydra/: Hydra's runtime record (the chosen config options)
-CSV_LOG = Path("csv") / layout.METRICS_CSV  # the csv logger's file in a run dir
+CSV_LOG = Path(layout.CSV_DIR) / layout.METRICS_CSV  # the csv logger's file in a run dir
 COMPARE_JSON = "compare.json"  # in a genexp compare dir: the seeds and budget
 
 
@@ -170,7 +169,7 @@ def _status(metrics: dict | None, failed: dict | None) -> tuple[str, str]:
 
 def read_run(path: Path) -> Run:
     config = _read_yaml(layout.config_yaml(path))
-    runtime = as_dict(as_dict(_read_yaml(path / layout.HYDRA_DIR / HYDRA_YAML).get("hydra")).get("runtime"))
+    runtime = as_dict(as_dict(_read_yaml(path / layout.HYDRA_DIR / layout.HYDRA_YAML).get("hydra")).get("runtime"))
     choices = as_dict(runtime.get("choices"))
     family, meta = _family_of(choices.get("model"), as_dict(config.get("model")))
     dataset = str(
