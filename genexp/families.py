@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -28,7 +28,8 @@ ASPECTS = ("likelihood", "stability", "fidelity", "speed")  # the talk's Summary
 RATINGS = ("○", "△", "×")  # good, fair, poor (the talk's marks)
 NOT_RATED = "—"  # a family the talk does not rate
 SAMPLE_OPTIONS = ("temperature", "truncation", "sampler")  # genexp sample's family-specific keys
-FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "tiny")
+FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "tiny", "renamed")
+OPTIONAL = ("renamed",)  # fields a family node may leave out (every other one is written out)
 NODE = "family"  # under the model node: model.family
 
 
@@ -43,6 +44,8 @@ class Family:
     needs_first_stage: bool
     tiny: tuple[str, ...]
     target: str = ""  # the model node's _target_: how a stored config finds its family
+    # config keys the family has renamed, old -> new: a run dir written before resumes (resume.py)
+    renamed: dict[str, str] = field(default_factory=dict)
 
     @property
     def rated(self) -> bool:
@@ -128,6 +131,7 @@ def parse(name: str, node: Mapping, where: str, target: str = "") -> Family:
         needs_first_stage=_flag(node.get("needs_first_stage", False), where, f"{key}.needs_first_stage"),
         tiny=_overrides(node.get("tiny", []), where, f"{key}.tiny"),
         target=target,
+        renamed=_renamed(node.get("renamed", {}), where, f"{key}.renamed"),
     )
 
 
@@ -164,3 +168,11 @@ def _overrides(value: Any, where: str, key: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(o, str) and "=" in o for o in value):
         raise GenexpError(f"{where}{key}={value!r}: must be a list of key=value overrides")
     return tuple(value)
+
+
+def _renamed(value: Any, where: str, key: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+    ):
+        raise GenexpError(f"{where}{key}={value!r}: must map each old config key to its new one")
+    return dict(value)

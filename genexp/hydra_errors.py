@@ -52,13 +52,27 @@ def _unknown_key(err, cause) -> str:
     keys = [k for k in keys if k != "hydra" and not (parent == "model" and k == "family")]
     close = difflib.get_close_matches(key, keys, n=1)
     prefix = f"{parent}." if parent else ""
-    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    given = re.search(r"override '([^']+)'", _lines(str(err))[0])
+    renamed = _renamed_hint(given.group(1) if given else full_key)
+    hint = renamed or (f"; did you mean {prefix}{close[0]}?" if close else "")
     append = next((line.split(" use ", 1)[1] for line in _lines(str(err)) if " use +" in line), None)
+    append = None if renamed else append
     shown = ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
     has = f"{parent or 'the config'} has: {shown}" if keys else ""
     extra = "; ".join(p for p in (has, f"{append} adds a new key" if append else "") if p)
     first = _lines(str(err))[0].rstrip(".")  # "Could not override 'model.net.depth'": the key as given
     return f"{first}: {_lines(str(cause))[0]}{hint}" + (f" ({extra})" if extra else "")
+
+
+def _renamed_hint(full_key: str) -> str:
+    """A key some family has renamed (its ``family.renamed``): the new name, as the fix."""
+    from genexp import families
+
+    for name in families.names():
+        for old, new in families.get(name).renamed.items():
+            if full_key == old or full_key.startswith(old + "."):
+                return f"; {old} is now {new}: pass {new}{full_key[len(old) :]}=..."
+    return ""
 
 
 def _not_writable(err: OSError) -> str:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from genexp.errors import GenexpError
-from genexp.layout import CHECKPOINTS, LAST_CKPT, overrides_yaml
+from genexp.layout import CHECKPOINTS, LAST_CKPT, config_yaml, overrides_yaml
 from genexp.rundir import SEARCH_ROOTS, is_restart, newest_run, run_dir_of
 
 _SAFE = re.compile(r"^[A-Za-z0-9_./:\-]+$")
@@ -128,7 +128,33 @@ def replayed_overrides(run_dir: Path) -> list[str]:
                 f"ckpt_path={run_dir}: {path} holds {o!r}, which calls a resolver; a replayed override is data, "
                 "so remove that line (or pass the .ckpt file and your own overrides)"
             )
-    return original
+    return [renamed_key(o, _renamed_keys(run_dir)) for o in original]
+
+
+def _renamed_keys(run_dir: Path) -> dict[str, str]:
+    """The keys the run's family has renamed since (its ``family.renamed``), found from the run's
+    stored config (read as data); none where the family is unknown."""
+    import yaml
+
+    from genexp.families import of_model_config
+
+    try:
+        stored = yaml.safe_load(config_yaml(run_dir).read_text()) or {}
+        family = of_model_config(stored.get("model") or {})
+    except (OSError, yaml.YAMLError, AttributeError, GenexpError):
+        return {}
+    return dict(family.renamed) if family else {}
+
+
+def renamed_key(override: str, renames: dict[str, str]) -> str:
+    """``model.d_optimizer.lr=4e-4`` -> ``module.optimizers.discriminator.lr=4e-4`` under the rename
+    ``model.d_optimizer -> module.optimizers.discriminator``; ``+``/``~`` prefixes are kept."""
+    key = override_key(override)
+    for old, new in renames.items():
+        if key == old or key.startswith(old + "."):
+            start = override.index(key)
+            return override[:start] + new + override[start + len(old) :]
+    return override
 
 
 def requeue_checkpoint(run_dir: Path) -> Path | None:

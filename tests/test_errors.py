@@ -612,6 +612,12 @@ CLI_CASES = [
         "image_size, channels, latent_dim",
     ),
     (
+        "renamed-key",
+        ["model=gan", "model.d_optimizer.lr=4e-4"],
+        "genexp: error: Could not override 'model.d_optimizer.lr': Key 'd_optimizer' is not in struct; "
+        "model.d_optimizer is now module.optimizers.discriminator: pass module.optimizers.discriminator.lr=...",
+    ),
+    (
         "override-syntax",
         ["model.latent_dim=[1,"],
         "genexp: error: model.latent_dim=[1,: no viable alternative at input '[1,' (see genexp train --help "
