@@ -169,7 +169,9 @@ def _status(metrics: dict | None, failed: dict | None) -> tuple[str, str]:
 
 def read_run(path: Path) -> Run:
     config = _read_yaml(layout.config_yaml(path))
-    runtime = as_dict(as_dict(_read_yaml(path / layout.HYDRA_DIR / layout.HYDRA_YAML).get("hydra")).get("runtime"))
+    runtime = as_dict(
+        as_dict(_read_yaml(path / layout.HYDRA_DIR / layout.HYDRA_YAML).get("hydra")).get("runtime")
+    )
     choices = as_dict(runtime.get("choices"))
     family, meta = _family_of(choices.get("model"), as_dict(config.get("model")))
     dataset = str(
