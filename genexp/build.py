@@ -35,7 +35,14 @@ genexp.data.torchvision_sets.CIFAR10
 genexp.data.torchvision_sets.CelebA
 genexp.data.torchvision_sets.FashionMNIST
 genexp.data.torchvision_sets.MNIST
+genexp.diffusion.fast_samplers.DPMSolverPPSampler
+genexp.diffusion.fast_samplers.HeunSampler
 genexp.diffusion.noise_schedule.NoiseSchedule
+genexp.diffusion.ode_solvers.Dopri5Solver
+genexp.diffusion.ode_solvers.EulerSolver
+genexp.diffusion.ode_solvers.HeunSolver
+genexp.diffusion.ode_solvers.MidpointSolver
+genexp.diffusion.ode_solvers.RK4Solver
 genexp.diffusion.samplers.DDIMSampler
 genexp.diffusion.samplers.DDPMSampler
 genexp.diffusion.schedules.cosine
@@ -54,6 +61,7 @@ genexp.lr_schedulers.WarmupConstant
 genexp.lr_schedulers.WarmupCosine
 genexp.models.ae.AE
 genexp.models.ddpm.DDPM
+genexp.models.flow_matching.FlowMatching
 genexp.models.gan.GAN
 genexp.models.glow.Glow
 genexp.models.ldm.LDM

@@ -27,7 +27,7 @@ from genexp.errors import GenexpError
 ASPECTS = ("likelihood", "stability", "fidelity", "speed")  # the talk's Summary table, in its order
 RATINGS = ("○", "△", "×")  # good, fair, poor (the talk's marks)
 NOT_RATED = "—"  # a family the talk does not rate
-SAMPLE_OPTIONS = ("temperature", "truncation", "sampler")  # genexp sample's family-specific keys
+SAMPLE_OPTIONS = ("temperature", "truncation", "sampler", "solver")  # genexp sample's family-specific keys
 FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "tiny", "renamed")
 OPTIONAL = ("renamed",)  # fields a family node may leave out (every other one is written out)
 NODE = "family"  # under the model node: model.family

@@ -108,6 +108,7 @@ PROTOCOLS = {
     "ldm": {Reconstructing, Preparable},
     "pixelcnn": {Likelihood},
     "pixel_transformer": {Likelihood},
+    "flow_matching": set(),
 }
 
 
