@@ -316,7 +316,7 @@ def provenance_of(subject: Subject, settings: EvalSettings, seconds: float) -> d
         "reference_split": settings.reference,
         "num_real": len(subject.real),
         "features": settings.features,
-        "sampling": {**subject.kwargs, "sampler": sampling.sampler_description(loaded.config)},
+        "sampling": {**subject.kwargs, "sampler": sampling.sampler_description(loaded.config, subject.model)},
         "device": str(subject.device),
         "seed": settings.seed,
         "torch": torch.__version__,

@@ -96,12 +96,16 @@ def sample_kwargs(loaded: LoadedModel, temperature: Any, truncation: Any) -> dic
     return kwargs
 
 
-def sampler_description(config: DictConfig) -> dict | None:
-    """The diffusion sampler in use (class and arguments) for the metadata, or None."""
+def sampler_description(config: DictConfig, model: Any = None) -> dict | None:
+    """The diffusion sampler in use (class and arguments) for the metadata, or None; with the built
+    ``model``, also ``nfe``: its network evaluations per sample (Heun's differ from its steps)."""
     node = config.model.get("sampler")
     if node is None:
         return None
     plain = OmegaConf.to_container(node, resolve=True)
     plain = {k: v for k, v in plain.items() if k != "_partial_"}
     plain["name"] = str(plain.pop("_target_", "?")).rsplit(".", 1)[-1]
+    nfe = getattr(getattr(getattr(model, "diffusion", None), "sampler", None), "nfe", None)
+    if nfe is not None:
+        plain["nfe"] = int(nfe)
     return plain

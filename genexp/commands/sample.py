@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> SampleResult:
     if drawn.nonfinite:
         log.warning("%d of %d samples held NaN/inf values (written as 0 there)", drawn.nonfinite, n)
 
-    described = sampler_description(loaded.config)
+    described = sampler_description(loaded.config, loaded.model)
     stem = opts["name"] or f"sample_{file_tag(seed, n, kwargs, described, bool(chosen))}"
     png, npz = out / f"{stem}.png", out / f"{stem}.npz"
     meta = {

@@ -45,6 +45,11 @@ class Sampler:
         """How many network evaluations one sample takes."""
         return len(self.timesteps)
 
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample (every sampler has it; a 2-evaluation method differs from its steps)."""
+        return self.num_steps
+
     def prev_timestep(self, t: int) -> int:
         """The timestep after ``t`` in ``timesteps`` (-1 after the last)."""
         try:
@@ -147,8 +152,13 @@ def sample_loop(
 ) -> torch.Tensor:
     """Run ``sampler`` from x_T (B, ...) to a sample, with ``eps_fn(x_t, t_batch) -> eps_hat``.
 
-    ``t_batch`` is a LongTensor (B,) on x_T's device. Call it under ``torch.no_grad()``.
+    ``t_batch`` is a LongTensor (B,) on x_T's device. Call it under ``torch.no_grad()``. A sampler
+    with its own ``sample(eps_fn, x_T, generator)`` (a multistep or two-evaluation method,
+    :mod:`genexp.diffusion.fast_samplers`) runs its own loop.
     """
+    own_loop = getattr(sampler, "sample", None)
+    if callable(own_loop):
+        return own_loop(eps_fn, x_T, generator)
     x = x_T
     for t in sampler.timesteps.tolist():
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
