@@ -108,7 +108,7 @@ PROTOCOLS = {
     "ldm": {Reconstructing, Preparable},
     "pixelcnn": {Likelihood},
     "pixel_transformer": {Likelihood},
-    "flow_matching": set(),
+    "flow_matching": {Likelihood},
 }
 
 
