@@ -218,3 +218,17 @@ def test_genexp_sample_takes_the_new_samplers(ddpm_run, tmp_path):
         with pytest.raises(GenexpError, match=f"sampler.steps={steps}: {message}") as err:
             sample(compose_app("sample", overrides))
         assert "\n" not in str(err.value)
+
+
+def test_schedule_buffers_at_a_fractional_timestep_interpolate_between_neighbours():
+    """Heun queries the model between timesteps; an x0- or v-objective's conversion to eps reads the
+    schedule there: linear between the two neighbours, and exactly the buffer at whole timesteps."""
+    from genexp.diffusion.noise_schedule import NoiseSchedule
+
+    a = torch.tensor([1.0, 3.0, 7.0, 15.0], dtype=torch.float64)
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    whole = NoiseSchedule.extract(a, torch.tensor([0, 1, 2, 3]), x).flatten()
+    assert torch.equal(whole, a)
+    # t = 0.5 -> (1 + 3) / 2; 1.25 -> 3 + 0.25 * 4; 2.9 -> 7 + 0.9 * 8; 3.0 (the last, as a float) -> 15
+    frac = NoiseSchedule.extract(a, torch.tensor([0.5, 1.25, 2.9, 3.0], dtype=torch.float64), x).flatten()
+    torch.testing.assert_close(frac, torch.tensor([2.0, 4.0, 14.2, 15.0], dtype=torch.float64))

@@ -115,8 +115,17 @@ class NoiseSchedule(nn.Module):
 
     @staticmethod
     def extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """a[t] for a buffer a (T,) and t (B,), as (B, 1, ..., 1) in x's dtype, to broadcast against x."""
-        out = a[t.to(a.device)].to(device=x.device, dtype=x.dtype)
+        """a[t] for a buffer a (T,) and t (B,), as (B, 1, ..., 1) in x's dtype, to broadcast against x.
+
+        A fractional t (a continuous-time sampler such as Heun on the EDM sigma grid queries the model
+        between timesteps) reads a linearly between its two neighbouring timesteps."""
+        t = t.to(a.device)
+        if t.dtype.is_floating_point:
+            lo = t.floor().long().clamp(0, a.shape[0] - 2)
+            w = (t - lo).to(a.dtype)
+            out = (a[lo] * (1 - w) + a[lo + 1] * w).to(device=x.device, dtype=x.dtype)
+        else:
+            out = a[t].to(device=x.device, dtype=x.dtype)
         return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
