@@ -55,20 +55,24 @@ def output_dir(path: Path) -> Path:
     return run_dir_of(path) or path.parent
 
 
-def load_for_sampling(ckpt: str, sampler: dict | None = None) -> LoadedModel:
-    """The model of ``ckpt``; ``sampler`` (a ``sampler/`` node) replaces the run's ``model.sampler``.
+def load_for_sampling(ckpt: str, sampler: dict | None = None, solver: dict | None = None) -> LoadedModel:
+    """The model of ``ckpt``; ``sampler`` (a ``sampler/`` node) replaces the run's ``model.sampler``,
+    ``solver`` (a ``solver/`` node) its ``model.solver``.
 
     The node replaces the stored one as a whole (another sampler class takes other arguments: DDPM's
     ``variance`` is not DDIM's); the model is built once, with it.
     """
-    if sampler is None:
+    overrides = {key: node for key, node in (("model.sampler", sampler), ("model.solver", solver)) if node}
+    if not overrides:
         return load_model(ckpt)
     try:
-        return load_model(ckpt, {"model.sampler": sampler})
+        return load_model(ckpt, overrides)
     except MissingNode as err:
+        option = err.key.removeprefix("model.")
+        which = ", ".join(f.name for f in map(families.get, families.names()) if option in f.sample_options)
         raise GenexpError(
-            f"sampler: {family_name(err.config)} has no sampler to choose (only diffusion families "
-            "have a model.sampler); drop the sampler option"
+            f"{option}: {family_name(err.config)} has no {option} to choose (it applies to {which}, whose "
+            f"model.{option} it replaces); drop the {option} option"
         ) from None
 
 
@@ -97,15 +101,20 @@ def sample_kwargs(loaded: LoadedModel, temperature: Any, truncation: Any) -> dic
 
 
 def sampler_description(config: DictConfig, model: Any = None) -> dict | None:
-    """The diffusion sampler in use (class and arguments) for the metadata, or None; with the built
-    ``model``, also ``nfe``: its network evaluations per sample (Heun's differ from its steps)."""
-    node = config.model.get("sampler")
+    """The diffusion sampler or flow matching ODE solver in use (class and arguments) for the
+    metadata, or None; with the built ``model``, also ``nfe``: its network evaluations per sample
+    (Heun's differ from its steps; an adaptive solver's: the mean over the ``sample`` calls made)."""
+    node = config.model.get("sampler") or config.model.get("solver")
     if node is None:
         return None
     plain = OmegaConf.to_container(node, resolve=True)
     plain = {k: v for k, v in plain.items() if k != "_partial_"}
     plain["name"] = str(plain.pop("_target_", "?")).rsplit(".", 1)[-1]
     nfe = getattr(getattr(getattr(model, "diffusion", None), "sampler", None), "nfe", None)
+    spent = getattr(model, "nfe_log", None)  # what each sample() call spent (an ODE solver's count)
+    if spent:
+        nfe = sum(spent) / len(spent)
+        nfe = int(nfe) if nfe == int(nfe) else round(nfe, 1)
     if nfe is not None:
-        plain["nfe"] = int(nfe)
+        plain["nfe"] = nfe if isinstance(nfe, float) else int(nfe)
     return plain

@@ -22,6 +22,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg, tiny
 
 from genexp.diffusion.coupling import independent, minibatch_ot, transport_cost
 from genexp.diffusion.ode_likelihood import bits_per_dim, dequantize
@@ -271,3 +272,30 @@ def test_a_tiny_run_trains_with_ot_coupling_logit_normal_times_and_heun(tiny_cfg
     )
     assert metrics["global_step"] == 3 and math.isfinite(metrics["test"]["test/loss"])
     assert metrics["test"]["test/bpd"] > 0  # the ODE likelihood ran under Lightning's inference mode
+
+
+def test_sample_swaps_the_solver_and_reports_the_nfe_spent(tiny_cfg, tmp_path):
+    """``genexp sample ckpt=<run> solver=heun solver.steps=3``: the run's Euler is replaced, the
+    file tag names the solver, the meta holds the NFE spent (Heun: 2 per step); dopri5 reports its
+    measured NFE; a family without a solver refuses the option in one line."""
+    from test_sample_cli import compose_app, load_npz
+
+    from genexp.commands.sample import sample
+    from genexp.commands.train import train
+    from genexp.errors import GenexpError
+
+    run = tmp_path / "run"
+    train(tiny_cfg("~callbacks.sample_grid", "trainer.limit_train_batches=1", model="flow_matching"))
+    heun = sample(compose_app("sample", [f"ckpt={run}", "n=3", "solver=heun", "solver.steps=3"]))
+    assert heun.npz.name == "sample_seed0_n3_heun3.npz"
+    meta = load_npz(heun.npz)[1]["sampler"]
+    assert meta["name"] == "HeunSolver" and meta["steps"] == 3 and meta["nfe"] == 6
+    adaptive = sample(compose_app("sample", [f"ckpt={run}", "n=3", "solver=dopri5", "solver.rtol=1e-3"]))
+    assert adaptive.npz.name == "sample_seed0_n3_dopri5_rtol0.001.npz"
+    assert load_npz(adaptive.npz)[1]["sampler"]["nfe"] >= 6  # dopri5: 6 stages per accepted step
+    default = sample(compose_app("sample", [f"ckpt={run}", "n=3"]))
+    assert default.npz.name == "sample_seed0_n3.npz" and load_npz(default.npz)[1]["sampler"]["nfe"] == 50
+    vae = tmp_path / "vae"
+    train(compose_cfg([*tiny("vae"), "~callbacks.sample_grid", "trainer.limit_train_batches=1"], vae))
+    with pytest.raises(GenexpError, match="^solver: vae has no solver to choose .*flow_matching"):
+        sample(compose_app("sample", [f"ckpt={vae}", "solver=heun"]))

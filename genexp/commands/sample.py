@@ -36,7 +36,7 @@ log = logging.getLogger("genexp")
 
 
 def file_tag(seed: int, n: int, kwargs: dict, sampler: dict | None, chosen: bool) -> str:
-    """``seed0_n64`` plus the options that change the images (``_t0.7``, ``_ddimsampler50``)."""
+    """``seed0_n64`` plus the options that change the images (``_t0.7``, ``_ddim50``, ``_heun8``)."""
     tag = f"seed{seed}_n{n}"
     if "temperature" in kwargs:
         tag += f"_t{kwargs['temperature']:g}"
@@ -44,7 +44,8 @@ def file_tag(seed: int, n: int, kwargs: dict, sampler: dict | None, chosen: bool
         tag += f"_trunc{kwargs['truncation']:g}"
     if chosen and sampler:
         steps = sampler.get("steps")
-        tag += f"_{sampler['name'].lower().removesuffix('sampler')}" + (f"{steps}" if steps else "")
+        tag += f"_{sampler['name'].lower().removesuffix('sampler').removesuffix('solver')}"
+        tag += f"{steps}" if steps else (f"_rtol{sampler['rtol']:g}" if "rtol" in sampler else "")
     return tag
 
 
@@ -104,10 +105,11 @@ def run(cfg: DictConfig) -> SampleResult:
     """Run ``genexp sample`` from its composed config (``configs/sample.yaml``)."""
     opts = check_options(cfg)
     n, batch_size, seed, device = opts["n"], opts["batch_size"], opts["seed"], opts["device"]
-    chosen = cfg.get("sampler")
+    chosen, chosen_solver = cfg.get("sampler"), cfg.get("solver")
     sampler = OmegaConf.to_container(chosen, resolve=False) if chosen else None
+    solver = OmegaConf.to_container(chosen_solver, resolve=False) if chosen_solver else None
 
-    loaded = load_for_sampling(str(cfg.ckpt), sampler)
+    loaded = load_for_sampling(str(cfg.ckpt), sampler, solver)
     kwargs = sample_kwargs(loaded, cfg.get("temperature"), cfg.get("truncation"))
     out = opts["out"] or writable_folder("out", output_dir(loaded.path) / layout.SAMPLES)
     model = loaded.model.to(device)
@@ -123,7 +125,7 @@ def run(cfg: DictConfig) -> SampleResult:
         log.warning("%d of %d samples held NaN/inf values (written as 0 there)", drawn.nonfinite, n)
 
     described = sampler_description(loaded.config, loaded.model)
-    stem = opts["name"] or f"sample_{file_tag(seed, n, kwargs, described, bool(chosen))}"
+    stem = opts["name"] or f"sample_{file_tag(seed, n, kwargs, described, bool(chosen or chosen_solver))}"
     png, npz = out / f"{stem}.png", out / f"{stem}.npz"
     meta = {
         "checkpoint": str(loaded.path),
