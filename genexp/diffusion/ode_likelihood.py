@@ -138,6 +138,16 @@ def ode_log_likelihood(
         generator: draws the probes.
         solver: ``euler``, ``midpoint``, ``rk4`` (fixed steps) or ``dopri5`` (adaptive: rtol, atol).
     """
+    # the divergence needs autograd, also under Lightning's val/test inference mode: leave it, and
+    # copy x1 out of it (an inference tensor cannot be recorded for backward)
+    with torch.inference_mode(False):
+        return _solve(
+            velocity, x1.clone(), prior_log_prob, steps, divergence, probes, generator, solver, rtol, atol
+        )
+
+
+def _solve(velocity, x1, prior_log_prob, steps, divergence, probes, generator, solver, rtol, atol):
+    """:func:`ode_log_likelihood` outside inference mode."""
     divergence = check_choice("divergence", divergence, DIVERGENCES)
     solver = check_choice("solver", solver, SOLVERS)
     steps = check_int("steps", steps, minimum=1)
