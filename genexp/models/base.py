@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from genexp.errors import ConfigError
+
 
 class LossOutput(NamedTuple):
     """What ``loss(x, y)`` returns: the scalar to minimise and detached scalars to log.
@@ -98,6 +100,20 @@ class Preparable(Protocol):
     images on every rank)."""
 
     def prepare(self, datamodule: Any) -> None: ...
+
+
+def check_net_fits(net: torch.nn.Module, channels: int, image_size: int) -> None:
+    """Fail at build time, naming the keys, when a denoiser or velocity net cannot take this data."""
+    net_channels = getattr(net, "in_channels", channels)
+    net_size = getattr(net, "image_size", image_size)
+    if net_channels != channels or net_size != image_size:
+        raise ConfigError(
+            "net",
+            f"{net_channels}x{net_size}x{net_size}",
+            f"the net is built for {net_channels}-channel {net_size}px images but the data is "
+            f"{channels}x{image_size}x{image_size}; set model.net.in_channels and "
+            "model.net.image_size to the dataset's",
+        )
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:

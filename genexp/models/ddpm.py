@@ -17,8 +17,8 @@ from torch import nn
 from genexp.diffusion.gaussian_diffusion import GaussianDiffusion
 from genexp.diffusion.noise_schedule import NoiseSchedule
 from genexp.diffusion.probability_flow import ProbabilityFlow, ode_bpd
-from genexp.errors import ConfigError, check_choice, check_int
-from genexp.models.base import LossOutput
+from genexp.errors import check_choice, check_int
+from genexp.models.base import LossOutput, check_net_fits
 
 BPD_STAGES = ("val", "test")
 LIKELIHOODS = ("bound", "ode")
@@ -69,20 +69,8 @@ class DDPM(nn.Module):
         self.ode_steps = check_int("ode_steps", ode_steps, minimum=1)
         self.ode_probes = check_int("ode_probes", ode_probes, minimum=1)
         self.diffusion = GaussianDiffusion(net, schedule, sampler, objective, loss_weighting, min_snr_gamma)
-        self._check_net(net)
+        check_net_fits(net, self.channels, self.image_size)
 
-    def _check_net(self, net: nn.Module) -> None:
-        """Fail at build time, naming the keys, when the net cannot take this data."""
-        net_channels = getattr(net, "in_channels", self.channels)
-        net_size = getattr(net, "image_size", self.image_size)
-        if net_channels != self.channels or net_size != self.image_size:
-            raise ConfigError(
-                "net",
-                f"{net_channels}x{net_size}x{net_size}",
-                f"the net is built for {net_channels}-channel {net_size}px images but the data is "
-                f"{self.channels}x{self.image_size}x{self.image_size}; set model.net.in_channels and "
-                "model.net.image_size to the dataset's",
-            )
 
     @property
     def num_dims(self) -> int:

@@ -23,7 +23,7 @@ from genexp.diffusion.ode_solvers import Field, ODEResult
 from genexp.diffusion.paths import PATHS, TIME_SAMPLERS
 from genexp.diffusion.samplers import noise_like
 from genexp.errors import ConfigError, check_choice, check_float, check_int
-from genexp.models.base import LossOutput, upcast
+from genexp.models.base import LossOutput, check_net_fits, upcast
 
 BPD_STAGES = ("val", "test")
 
@@ -83,21 +83,9 @@ class FlowMatching(nn.Module):
         self.bpd_images = None if bpd_images is None else check_int("bpd_images", bpd_images, minimum=1)
         self.bpd_stages = tuple(check_choice("bpd_stages", s, BPD_STAGES) for s in bpd_stages)
         self.net = net
-        self._check_net(net)
+        check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (a dopri5 solve varies per batch)
 
-    def _check_net(self, net: nn.Module) -> None:
-        """Fail at build time, naming the keys, when the net cannot take this data."""
-        net_channels = getattr(net, "in_channels", self.channels)
-        net_size = getattr(net, "image_size", self.image_size)
-        if net_channels != self.channels or net_size != self.image_size:
-            raise ConfigError(
-                "net",
-                f"{net_channels}x{net_size}x{net_size}",
-                f"the net is built for {net_channels}-channel {net_size}px images but the data is "
-                f"{self.channels}x{self.image_size}x{self.image_size}; set model.net.in_channels and "
-                "model.net.image_size to the dataset's",
-            )
 
     @property
     def num_dims(self) -> int:
