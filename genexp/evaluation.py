@@ -73,6 +73,7 @@ class EvalSettings:
     device: str
     cache_dir: str
     sampler: dict | None = None  # a sampler/ node replacing the run's model.sampler (diffusion)
+    solver: dict | None = None  # a solver/ node replacing the run's model.solver (flow matching)
     temperature: float | None = None  # a sample option the user set (None: the family's own)
     truncation: float | None = None
 
@@ -98,6 +99,8 @@ class EvalSettings:
         out = asdict(self)
         for key in ("device", "cache_dir"):
             out.pop(key)
+        if out["solver"] is None:  # evaluations recorded before the solver group match as they were
+            out.pop("solver")
         out["metrics"] = sorted(out["metrics"])
         return json.loads(json.dumps(out))
 
@@ -122,9 +125,9 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
 
     The keys come from ``configs/eval/`` (the top-level ``metrics``, ``features``, ``device``,
     ``seed``, ``cache_dir`` and the ``eval`` node), so both commands share one set of defaults; the
-    sample options (``temperature``, ``truncation``) and the ``sampler`` group are evaluate's own."""
+    sample options (``temperature``, ``truncation``) and the ``sampler``/``solver`` groups are evaluate's own."""
     ev = cfg.eval
-    chosen = cfg.get("sampler")
+    chosen, solver = cfg.get("sampler"), cfg.get("solver")
     metrics = cfg.metrics
     return EvalSettings(
         metrics=tuple(OmegaConf.to_container(metrics)) if OmegaConf.is_list(metrics) else metrics,
@@ -143,6 +146,7 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
         # empty (GENEXP_CACHE='') means the default folder, as everywhere else
         cache_dir=str(Path(str(cfg.cache_dir)).expanduser() if cfg.cache_dir else default_cache_dir()),
         sampler=OmegaConf.to_container(chosen, resolve=False) if chosen else None,
+        solver=OmegaConf.to_container(solver, resolve=False) if solver else None,
         temperature=cfg.get("temperature"),
         truncation=cfg.get("truncation"),
     ).check()
@@ -205,7 +209,7 @@ def load_subject(ckpt: str, settings: EvalSettings, device: torch.device) -> Sub
     """The checkpoint's family and its dataset's reference split (``ckpt``: a run dir, .ckpt or latest)."""
     from genexp.build import instantiate
 
-    loaded = sampling.load_for_sampling(ckpt, settings.sampler)
+    loaded = sampling.load_for_sampling(ckpt, settings.sampler, settings.solver)
     family = sampling.family_name(loaded.config)
     kwargs = sampling.sample_kwargs(loaded, settings.temperature, settings.truncation)
     model = loaded.model.to(device)

@@ -101,7 +101,9 @@ def test_evaluate_and_compare_share_the_eval_group_defaults():
     group = yaml.safe_load((folder / "default.yaml").read_text())
     keys = {k for k in group if k != "eval"} | set(group["eval"])
     fields = {f.name: f for f in dataclasses.fields(EvalSettings)}
-    assert keys | {"sampler", "temperature", "truncation"} == set(fields)  # those: evaluate's sample options
+    assert keys | {"sampler", "solver", "temperature", "truncation"} == set(
+        fields
+    )  # those: evaluate's sample options
     assert all(fields[k].default is dataclasses.MISSING for k in keys), "a default outside configs/eval/"
     full = settings_from_config(compose_app("evaluate", []))
     quick = settings_from_config(compose_app("compare", []))

@@ -295,6 +295,17 @@ def test_sample_swaps_the_solver_and_reports_the_nfe_spent(tiny_cfg, tmp_path):
     assert load_npz(adaptive.npz)[1]["sampler"]["nfe"] >= 6  # dopri5: 6 stages per accepted step
     default = sample(compose_app("sample", [f"ckpt={run}", "n=3"]))
     assert default.npz.name == "sample_seed0_n3.npz" and load_npz(default.npz)[1]["sampler"]["nfe"] == 50
+    # genexp evaluate solver=heun solver.steps=3: the evaluation samples with it and records it
+    from genexp.commands.evaluate import evaluate
+
+    evaluated, _ = evaluate(
+        compose_app(
+            "evaluate",
+            [f"ckpt={run}", "metrics=[speed]", "eval.speed_batch_size=2", "solver=heun", "solver.steps=3"],
+        )
+    )
+    assert evaluated["provenance"]["sampling"]["sampler"]["name"] == "HeunSolver"
+    assert evaluated["provenance"]["sampling"]["sampler"]["nfe"] == 6
     vae = tmp_path / "vae"
     train(compose_cfg([*tiny("vae"), "~callbacks.sample_grid", "trainer.limit_train_batches=1"], vae))
     with pytest.raises(GenexpError, match="^solver: vae has no solver to choose .*flow_matching"):

@@ -71,7 +71,6 @@ class DDPM(nn.Module):
         self.diffusion = GaussianDiffusion(net, schedule, sampler, objective, loss_weighting, min_snr_gamma)
         check_net_fits(net, self.channels, self.image_size)
 
-
     @property
     def num_dims(self) -> int:
         return self.channels * self.image_size * self.image_size

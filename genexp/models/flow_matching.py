@@ -86,7 +86,6 @@ class FlowMatching(nn.Module):
         check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (a dopri5 solve varies per batch)
 
-
     @property
     def num_dims(self) -> int:
         return self.channels * self.image_size * self.image_size
