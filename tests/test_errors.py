@@ -591,7 +591,7 @@ CLI_CASES = [
     (
         "unknown-option",
         ["model=gan_typo"],
-        "genexp: error: Could not find 'model/gan_typo'; model options: ae, ddpm, gan, glow, ldm, "
+        "genexp: error: Could not find 'model/gan_typo'; model options: ae, ddpm, flow_matching, gan, glow, ldm, "
         "pixel_transformer, pixelcnn, realnvp, vae",
     ),
     (
