@@ -94,3 +94,19 @@ def test_state_dict_round_trip_through_weights_only_load(cls, tmp_path):
     resumed.optimizer.param_groups[0]["lr"] = scheduler.optimizer.param_groups[0]["lr"]
     assert lrs_over(resumed, 8) == lrs_over(scheduler, 8)
     assert resumed.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_a_run_with_no_end_takes_a_constant_schedule_and_refuses_a_cosine_one(tiny_cfg):
+    """Under a time budget (``trainer.max_epochs=-1``, no ``max_steps``: what genexp compare runs)
+    the trainer's step estimate is infinite: the warm-up schedule trains on; a cosine decay, which
+    needs the run's length, is refused in one line instead of a float-infinity traceback."""
+    from genexp.commands.train import train
+    from genexp.errors import GenexpError
+
+    budget = ["trainer.max_epochs=-1", "trainer.min_epochs=0", "trainer.max_time=00:00:00:02"]
+    metrics = train(tiny_cfg(*budget, "lr_scheduler=warmup_constant", "~callbacks.sample_grid"))
+    assert metrics["global_step"] > 0
+    with pytest.raises(GenexpError) as err:
+        train(tiny_cfg(*budget, "lr_scheduler=warmup_cosine", "~callbacks.sample_grid"))
+    assert str(err.value).startswith("lr_scheduler=warmup_cosine: the cosine decay needs the run's length")
+    assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ optimizer and LR schedule it was given.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -128,7 +129,9 @@ class GenerativeModule(pl.LightningModule):
         optimizer = self.optimizer_factory(self.model.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        estimate = self.trainer.estimated_stepping_batches
+        # infinite: no end to count to (trainer.max_epochs=-1 under a time budget, as genexp compare runs)
+        total = int(estimate) if math.isfinite(estimate) else estimate
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
