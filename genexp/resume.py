@@ -128,7 +128,8 @@ def replayed_overrides(run_dir: Path) -> list[str]:
                 f"ckpt_path={run_dir}: {path} holds {o!r}, which calls a resolver; a replayed override is data, "
                 "so remove that line (or pass the .ckpt file and your own overrides)"
             )
-    return [renamed_key(o, _renamed_keys(run_dir)) for o in original]
+    renames = _renamed_keys(run_dir)
+    return [renamed_key(o, renames) for o in original]
 
 
 def _renamed_keys(run_dir: Path) -> dict[str, str]:
