@@ -272,6 +272,8 @@ def test_a_tiny_run_trains_with_ot_coupling_logit_normal_times_and_heun(tiny_cfg
     )
     assert metrics["global_step"] == 3 and math.isfinite(metrics["test"]["test/loss"])
     assert metrics["test"]["test/bpd"] > 0  # the ODE likelihood ran under Lightning's inference mode
+    # Hutchinson's standard error of the mean beside it (2 probes), small against the value
+    assert 0 < metrics["test"]["test/bpd_std_err"] < 0.1 * metrics["test"]["test/bpd"]
 
 
 def test_sample_swaps_the_solver_and_reports_the_nfe_spent(tiny_cfg, tmp_path):

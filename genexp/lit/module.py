@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from genexp.lit.divergence import DivergenceGuard
-from genexp.models.base import Likelihood, Preparable
+from genexp.models.base import EstimatedLikelihood, Likelihood, Preparable
 
 
 class GenerativeModule(pl.LightningModule):
@@ -45,7 +45,7 @@ class GenerativeModule(pl.LightningModule):
         self.config = config or {}
         self.divergence = divergence or DivergenceGuard()
         self.wandb_id: str | None = None
-        self._bpd_seen = 0
+        self._reset_bpd()
 
     def _writes_logs(self) -> bool:
         """Whether Lightning writes step logs after this training step (every log_every_n_steps).
@@ -84,27 +84,52 @@ class GenerativeModule(pl.LightningModule):
         return out.loss
 
     def _log_bpd(self, x: torch.Tensor, stage: str) -> None:
-        """The family's bits/dim bound, on at most ``model.bpd_images`` images per epoch (a
-        diffusion bound costs many forward passes per image)."""
+        """The family's bits/dim (exact, a bound or an estimate), on at most ``model.bpd_images``
+        images per epoch (a diffusion bound costs many forward passes per image); an estimate's
+        standard errors are summed for :meth:`_log_bpd_std_err`."""
         limit = getattr(self.model, "bpd_images", None)
         if limit is not None:
             x = x[: max(0, limit - self._bpd_seen)]
             if len(x) == 0:
                 return
             self._bpd_seen += len(x)
-        self.log(
-            f"{stage}/bpd",
-            self.model.nll_bpd(x).mean(),
-            sync_dist=True,
-            batch_size=len(x),
-            prog_bar=stage == "val",
-        )
+        std_err = None
+        if isinstance(self.model, EstimatedLikelihood):
+            bpd, std_err = self.model.nll_bpd_with_error(x)
+        else:
+            bpd = self.model.nll_bpd(x)
+        if std_err is not None:
+            self._bpd_var += std_err.detach().double().pow(2).sum()
+            self._bpd_var_count += len(x)
+        self.log(f"{stage}/bpd", bpd.mean(), sync_dist=True, batch_size=len(x), prog_bar=stage == "val")
+
+    def _log_bpd_std_err(self, stage: str) -> None:
+        """``{stage}/bpd_std_err``: the standard error of the epoch's mean bits/dim due to the
+        estimator (sqrt(sum_i se_i^2) / N over every rank's images; the images' own spread is not
+        in it), where the family's bits/dim is an estimate with 2 or more probes."""
+        if not isinstance(self.model, EstimatedLikelihood):
+            return
+        sums = torch.tensor([float(self._bpd_var), float(self._bpd_var_count)], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            sums = self.all_gather(sums.to(self.device)).reshape(-1, 2).sum(0).cpu()
+        var, count = (float(v) for v in sums)
+        if count > 0 and math.isfinite(var):
+            self.log(f"{stage}/bpd_std_err", math.sqrt(var) / count, rank_zero_only=True)
+
+    def _reset_bpd(self) -> None:
+        self._bpd_seen, self._bpd_var, self._bpd_var_count = 0, 0.0, 0
 
     def on_validation_epoch_start(self) -> None:
-        self._bpd_seen = 0
+        self._reset_bpd()
 
     def on_test_epoch_start(self) -> None:
-        self._bpd_seen = 0
+        self._reset_bpd()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_bpd_std_err("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_bpd_std_err("test")
 
     def on_fit_start(self) -> None:
         """The family's fit-time set-up (``prepare``: latent diffusion measures its latents on

@@ -55,6 +55,19 @@ class Likelihood(Protocol):
 
 
 @runtime_checkable
+class EstimatedLikelihood(Likelihood, Protocol):
+    """Families whose bits/dim may be a Monte-Carlo estimate (the ODE likelihood's Hutchinson
+    trace): ``nll_bpd_with_error`` gives the per-image standard error beside the value, so the
+    glue and ``genexp evaluate`` report the estimator's uncertainty (None: exact or a bound)."""
+
+    def nll_bpd_with_error(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) images in [0, 1] -> ((B,) bits/dim, (B,) standard errors or None)."""
+        ...
+
+
+@runtime_checkable
 class Reconstructing(Protocol):
     """Families that map an image back to itself (through a code or a first stage)."""
 

@@ -94,6 +94,16 @@ class DDPM(nn.Module):
         return self.diffusion.bound_bpd(x * 2 - 1, self.bpd_timesteps)
 
     @torch.no_grad()
+    def nll_bpd_with_error(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`nll_bpd` and, for ``likelihood=ode``, Hutchinson's standard error per image; None
+        for the bound (one draw of x_t per term, whose spread is not estimated)."""
+        if self.likelihood == "ode":
+            return self.ode_bpd(x, generator)
+        return self.nll_bpd(x, generator), None
+
+    @torch.no_grad()
     def ode_bpd(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
