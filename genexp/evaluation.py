@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -238,21 +239,28 @@ def first_extractor(settings: EvalSettings, device: torch.device):
     )
 
 
+def extractor_for(subject: Subject, settings: EvalSettings, extractor, info) -> tuple[Any, Any]:
+    """(extractor, info): the one given (Inception, loaded before the checkpoint), else the run's
+    dataset's feature classifier (trained once, then read from the cache)."""
+    if extractor is not None:
+        return extractor, info
+    return feature_extractor(
+        settings.features,
+        subject.source,
+        Path(settings.cache_dir),
+        str(subject.device),
+        classifier_epochs=settings.classifier_epochs,
+        seed=settings.seed,
+    )
+
+
 def fidelity_results(subject: Subject, settings: EvalSettings, extractor, info) -> tuple[dict, dict]:
     """(results, provenance) of fid/kid/pr in the extractor's feature space, plus the diversity ratio."""
     from genexp.metrics.diversity import diversity_ratio
     from genexp.metrics.fidelity import evaluate_fidelity
 
     cache_dir = Path(settings.cache_dir)
-    if extractor is None:
-        extractor, info = feature_extractor(
-            settings.features,
-            subject.source,
-            cache_dir,
-            str(subject.device),
-            classifier_epochs=settings.classifier_epochs,
-            seed=settings.seed,
-        )
+    extractor, info = extractor_for(subject, settings, extractor, info)
     generator = torch.Generator(device=subject.device).manual_seed(settings.seed)
     fake = sample_uint8(
         subject.model, settings.num_samples, settings.batch_size, generator, progress=True, **subject.kwargs
@@ -329,9 +337,36 @@ def provenance_of(subject: Subject, settings: EvalSettings, seconds: float) -> d
     }
 
 
-def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | None = None) -> dict:
+class Measured(NamedTuple):
+    """What a measurement gives :func:`evaluate_checkpoint` to write."""
+
+    results: dict  # name -> value, written as eval/<name>
+    provenance: dict
+    subject: Subject  # the one the provenance describes (a sweep's: its largest NFE)
+    extra: dict  # more top-level keys of evaluation.json (a sweep's "nfe_sweep")
+    fingerprint: dict  # more settings the numbers depend on (a sweep's "nfe")
+
+
+def measure(subject: Subject, settings: EvalSettings, extractor, info, path: Path) -> Measured:
+    """The metrics ``settings`` asks for, each once (``path``: where the evaluation goes)."""
+    results, provenance = {}, {}
+    if set(settings.metrics) & set(FIDELITY):
+        results, provenance = fidelity_results(subject, settings, extractor, info)
+    results.update(model_results(subject, settings))
+    return Measured(results, provenance, subject, {}, {})
+
+
+Measure = Callable[[Subject, EvalSettings, Any, Any, Path], Measured]
+
+
+def evaluate_checkpoint(
+    ckpt: str, settings: EvalSettings, out: str | Path | None = None, measure: Measure = measure
+) -> dict:
     """Evaluate ``ckpt`` (a run dir, .ckpt or ``latest``); write and return the evaluation dict:
-    ``{"metrics": {"eval/<name>": ...}, "provenance": {...}, "settings": {...}}``."""
+    ``{"metrics": {"eval/<name>": ...}, "provenance": {...}, "settings": {...}}``.
+
+    ``measure`` (default :func:`measure`) computes the numbers; another one (the NFE sweep of
+    :mod:`genexp.nfe_sweep`) adds its own keys and settings to the same file."""
     settings.check()
     start = time.perf_counter()
     device = sampling.resolve_device(settings.device)
@@ -343,16 +378,15 @@ def evaluate_checkpoint(ckpt: str, settings: EvalSettings, out: str | Path | Non
     log.info(
         "evaluating %s (%s) on %s against %s", subject.family, subject.loaded.path, device, subject.reference
     )
-    results, provenance = {}, {}
-    if set(settings.metrics) & set(FIDELITY):
-        results, provenance = fidelity_results(subject, settings, extractor, info)
-    results.update(model_results(subject, settings))
+    measured = measure(subject, settings, extractor, info, path)
+    subject, provenance = measured.subject, measured.provenance
     provenance.update(provenance_of(subject, settings, time.perf_counter() - start))
     evaluation = json_safe(
         {
-            "metrics": {f"eval/{k}": v for k, v in results.items()},
+            "metrics": {f"eval/{k}": v for k, v in measured.results.items()},
             "provenance": provenance,
-            "settings": settings.fingerprint(),
+            "settings": {**settings.fingerprint(), **measured.fingerprint},
+            **measured.extra,
         }
     )
     try:

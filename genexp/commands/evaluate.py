@@ -2,7 +2,8 @@
 
 Writes ``<run dir>/evaluation.json`` (or ``out=``) and merges the metrics into the run's
 ``metrics.json`` under ``"eval"``; the evaluation itself is :mod:`genexp.evaluation`, shared with
-``genexp compare``. Settings: ``configs/evaluate.yaml`` and its ``eval/`` group.
+``genexp compare``; ``nfe=[...]`` measures it at each NFE of the run's sampler or solver instead
+(:mod:`genexp.nfe_sweep`). Settings: ``configs/evaluate.yaml`` and its ``eval/`` group.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from genexp import layout
+from genexp import layout, nfe_sweep
 from genexp.errors import GenexpError
-from genexp.evaluation import evaluate_checkpoint, evaluation_file, settings_from_config
+from genexp.evaluation import evaluate_checkpoint, evaluation_file, measure, settings_from_config
 
 
 def run(cfg: DictConfig) -> tuple[dict, Path]:
@@ -21,8 +22,11 @@ def run(cfg: DictConfig) -> tuple[dict, Path]:
     if not cfg.get("ckpt"):
         raise GenexpError("ckpt: missing; pass ckpt=<run dir|.ckpt|latest>")
     settings = settings_from_config(cfg)
+    nfe = nfe_sweep.check_nfe(cfg.get("nfe"))  # before any work, like the settings
     out = cfg.get("out")
-    evaluation = evaluate_checkpoint(str(cfg.ckpt), settings, out)
+    evaluation = evaluate_checkpoint(
+        str(cfg.ckpt), settings, out, nfe_sweep.measurer(nfe) if nfe else measure
+    )
     path = evaluation_file(out) or Path(evaluation["provenance"]["run_dir"]) / layout.EVALUATION_JSON
     return evaluation, path
 

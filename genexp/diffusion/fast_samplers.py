@@ -93,6 +93,12 @@ class DPMSolverPPSampler(Sampler):
         clip_denoised: clamp x0_hat to [-1, 1] (the thresholding data prediction allows; DDIM's option).
     """
 
+    @classmethod
+    def steps_for_nfe(cls, nfe: int, **node) -> int:
+        """The most steps whose NFE is at most ``nfe``: one evaluation per step, so ``nfe`` itself
+        (the lower-order final steps reuse the multistep history, costing no extra evaluation)."""
+        return int(nfe)
+
     def __init__(
         self, schedule: NoiseSchedule, steps: int = 10, spacing: str = "logsnr", clip_denoised: bool = True
     ):
@@ -157,6 +163,12 @@ class HeunSampler:
         rho: the grid's exponent (7: Karras et al.'s choice; larger spends more steps at low sigma).
         clip_denoised: clamp D to [-1, 1] (DDIM's option).
     """
+
+    @classmethod
+    def steps_for_nfe(cls, nfe: int, **node) -> int:
+        """The most steps N whose NFE 2 N - 1 is at most ``nfe``: N = (nfe + 1) // 2 (an even ``nfe``
+        leaves one evaluation unspent; ``rho`` does not change the cost)."""
+        return (int(nfe) + 1) // 2
 
     def __init__(
         self, schedule: NoiseSchedule, steps: int = 10, rho: float = 7.0, clip_denoised: bool = True

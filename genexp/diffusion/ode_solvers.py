@@ -40,7 +40,16 @@ class _Counted:
 
 
 class FixedStepSolver:
-    """``steps`` equal steps of h = (t1 − t0) / steps; subclasses give one step's update."""
+    """``steps`` equal steps of h = (t1 − t0) / steps; subclasses give one step's update and its
+    ``nfe_per_step`` (the field evaluations one step costs)."""
+
+    nfe_per_step = 1
+
+    @classmethod
+    def steps_for_nfe(cls, nfe: int, **node) -> int:
+        """The most steps whose NFE (``steps * nfe_per_step``) is at most ``nfe`` (0: none); ``node``:
+        the solver's other arguments (none change a fixed-step solver's cost)."""
+        return int(nfe) // cls.nfe_per_step
 
     def __init__(self, steps: int = 50):
         self.steps = check_int("steps", steps, minimum=1)
@@ -68,6 +77,8 @@ class EulerSolver(FixedStepSolver):
 class MidpointSolver(FixedStepSolver):
     """Explicit midpoint, x ← x + h v(x + h/2 v(x, t), t + h/2): second order, 2 NFE per step."""
 
+    nfe_per_step = 2
+
     def step(self, v, x, t, h):
         return x + h * v(x + (h / 2) * v(x, t), t + h / 2)
 
@@ -77,6 +88,8 @@ class HeunSolver(FixedStepSolver):
     x ← x + h/2 (k1 + v(x̃, t + h)): second order, 2 NFE per step (Karras et al. 2022, Alg. 1
     without its final Euler step: the velocity is defined at t = 1)."""
 
+    nfe_per_step = 2
+
     def step(self, v, x, t, h):
         k1 = v(x, t)
         return x + (h / 2) * (k1 + v(x + h * k1, t + h))
@@ -84,6 +97,8 @@ class HeunSolver(FixedStepSolver):
 
 class RK4Solver(FixedStepSolver):
     """The classical Runge-Kutta method (Kutta 1901): fourth order, 4 NFE per step."""
+
+    nfe_per_step = 4
 
     def step(self, v, x, t, h):
         k1 = v(x, t)

@@ -112,6 +112,12 @@ class DDIMSampler(Sampler):
     :class:`DDPMSampler` draws it, so the two agree sample for sample at steps = T, eta = 1.
     """
 
+    @classmethod
+    def steps_for_nfe(cls, nfe: int, **node) -> int:
+        """The most steps whose NFE is at most ``nfe``: one network evaluation per visited timestep,
+        so ``nfe`` itself (``node``, the other arguments such as ``eta``, cost nothing)."""
+        return int(nfe)
+
     def __init__(
         self, schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_denoised: bool = True
     ):
