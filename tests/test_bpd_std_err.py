@@ -68,3 +68,16 @@ def test_the_standard_error_of_the_mean_bpd_is_logged_over_the_images_that_got_b
 def test_an_exact_or_bound_likelihood_logs_no_standard_error():
     metrics = _test(StubEstimate(std_err=False))
     assert metrics["test/bpd"] == 2.0 and "test/bpd_std_err" not in metrics
+
+
+def test_genexp_evaluate_s_mean_carries_the_standard_error_of_the_estimate():
+    from genexp.metrics.bpd import mean_bpd, mean_bpd_with_error
+
+    images = torch.arange(6, dtype=torch.uint8).reshape(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    cpu = torch.device("cpu")
+    out = mean_bpd_with_error(StubEstimate(), images, batch_size=4, device=cpu, seed=0)
+    x = torch.arange(6, dtype=torch.float64) / 255  # what the stub sees: the images in [0, 1]
+    assert abs(out.value - float(x.mean())) < 1e-7
+    assert abs(out.std_err - float(((x + 1) / 10).pow(2).sum().sqrt() / 6)) < 1e-7
+    assert mean_bpd(StubEstimate(), images, 4, cpu, 0) == out.value
+    assert mean_bpd_with_error(StubEstimate(std_err=False), images, 4, cpu, 0).std_err is None
