@@ -1,10 +1,11 @@
 """The comparison report: the talk's summary table with measured values, from existing run dirs.
 
 ``write_report(root)`` finds every run dir under ``root`` (a ``genexp compare`` dir, a Hydra sweep
-dir, or any folder of run dirs), reads each run's ``metrics.json``, ``evaluation.json``, CSV log
-and sample grids (:mod:`.collect`), and writes ``index.html`` and ``report.md`` (plus ``images/``)
-into the report folder: one column spec (:mod:`.columns`) rendered twice (:mod:`.html`,
-:mod:`.markdown`). Families are grouped by their ``model`` option, labelled and rated from their
+dir, or any folder of run dirs), reads each run's ``metrics.json``, ``evaluation.json`` (with its
+FID-vs-NFE sweep, if any), CSV log and sample grids (:mod:`.collect`), and writes ``index.html``
+and ``report.md`` (plus ``images/``) into the report folder: one column spec (:mod:`.columns`)
+rendered twice (:mod:`.html`, :mod:`.markdown`), with every run's sweep in one figure and table
+(:mod:`.nfe`). Families are grouped by their ``model`` option, labelled and rated from their
 metadata (:mod:`genexp.families`); every number is an aggregate over seeds.
 
 Only files the report wrote itself are written, replaced or removed (:mod:`.files`: its manifest);
@@ -23,6 +24,7 @@ from genexp.report.collect import find_run_dirs, read_run, summarize
 from genexp.report.columns import Page, notes, setup_line
 from genexp.report.files import MANIFEST, check_overwrites, commit_files, owned_files, report_folder
 from genexp.report.gallery import gallery_files
+from genexp.report.nfe import section as nfe_section
 
 __all__ = ["MANIFEST", "write_report"]
 
@@ -50,6 +52,8 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
     runs = [read_run(p) for p in paths]
     rows = summarize(runs)
     files, gallery = gallery_files(runs)
+    nfe_files, nfe = nfe_section(runs)
+    files.update(nfe_files)
     content = Page(
         title=f"genexp comparison — {', '.join(sorted({r.dataset for r in runs}))}",
         setup=setup_line(root, runs, len(rows)),
@@ -57,6 +61,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
         families=rows,
         runs=runs,
         gallery=gallery,
+        nfe=nfe,
     )
     files["index.html"] = (html.page(content) + "\n").encode("utf-8")
     files["report.md"] = markdown.page(content).encode("utf-8")

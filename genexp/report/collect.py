@@ -14,7 +14,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -75,6 +75,73 @@ def _nonfinite(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+class SweepRow(NamedTuple):
+    """One NFE of a sweep: the NFE asked for, the NFE spent (an adaptive or second-order solver may
+    spend another number) and what it cost and scored there."""
+
+    nfe_requested: float
+    nfe: float
+    fid: float
+    ms_per_sample: float
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """``evaluation.json``'s ``nfe_sweep``: the run's solver or sampler (its class name) and its rows,
+    ascending by NFE spent."""
+
+    option: str  # solver | sampler
+    name: str
+    rows: tuple[SweepRow, ...]
+
+
+SWEEP_KEYS = ("nfe", "fid", "ms_per_sample")  # what a row needs to be drawn and tabled
+
+
+def _sweep_row(raw: Any) -> SweepRow | str:
+    """A row of finite numbers, or why not (a hand-edited file may hold anything)."""
+    raw = as_dict(raw)
+    values = {k: number(raw.get(k)) for k in SWEEP_KEYS}
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        return f"no finite {', '.join(missing)}"
+    requested = number(raw.get("nfe_requested"))
+    return SweepRow(values["nfe"] if requested is None else requested, **values)
+
+
+def read_sweep(value: Any, path: Path) -> Sweep | None:
+    """The ``nfe_sweep`` of the evaluation at ``path``; None when absent. Rows that are not finite
+    numbers (or repeat an NFE) are skipped with a warning naming the file; a sweep with no row
+    left is left out with one."""
+    if value is None:
+        return None
+    node = as_dict(value)
+    raw_rows = node.get("rows")
+    if not isinstance(raw_rows, list):
+        log.warning("report: skipping %s's nfe_sweep (no list of rows); no NFE curve for this run", path)
+        return None
+    rows: dict[float, SweepRow] = {}
+    for i, raw in enumerate(raw_rows):
+        row = _sweep_row(raw)
+        if isinstance(row, SweepRow) and row.nfe_requested in rows:
+            row = f"NFE {row.nfe_requested:g} again"
+        if isinstance(row, str):
+            log.warning("report: skipping row %d of %s's nfe_sweep (%s)", i, path, row)
+            continue
+        rows[row.nfe_requested] = row
+    if not rows:
+        log.warning(
+            "report: skipping %s's nfe_sweep (no row with finite numbers); no NFE curve for this run", path
+        )
+        return None
+    option, name = node.get("option"), node.get("name")
+    return Sweep(
+        option=option if option in ("solver", "sampler") else "?",
+        name=name if isinstance(name, str) and name else "?",
+        rows=tuple(sorted(rows.values(), key=lambda r: (r.nfe, r.nfe_requested))),
+    )
+
+
 @dataclass
 class Run:
     """One run dir, as read from disk; ``meta`` is its family's metadata where genexp knows it."""
@@ -90,6 +157,7 @@ class Run:
     grid: Path | None = None
     csv: Path | None = None
     meta: Family | None = None
+    sweep: Sweep | None = None  # the evaluation's FID against NFE (genexp evaluate nfe=[...])
 
     @property
     def name(self) -> str:
@@ -196,6 +264,7 @@ def read_run(path: Path) -> Run:
         grid=grids[-1] if grids else None,
         csv=csv_path if csv_path.is_file() else None,
         meta=meta,
+        sweep=read_sweep(evaluation.get("nfe_sweep"), path / layout.EVALUATION_JSON),
     )
 
 

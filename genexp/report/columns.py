@@ -133,7 +133,20 @@ def groups(columns: list[Column]) -> list[tuple[str, int]]:
 class Figure(NamedTuple):
     src: str  # relative to the report folder
     caption: str
-    kind: str  # samples | curves (the image's CSS class)
+    kind: str  # samples | curves | nfe (the image's CSS class)
+
+
+@dataclass
+class NFESection:
+    """Quality against compute: every run's FID-vs-NFE sweep in one figure, a table (a column
+    group per NFE) and, for each pair of curves, where one overtakes the other
+    (:mod:`genexp.report.nfe` builds it)."""
+
+    figure: Figure
+    columns: list[Column]
+    runs: list[Run]  # those with a sweep, one table row each
+    crossings: list[str]
+    note: str
 
 
 @dataclass
@@ -146,6 +159,7 @@ class Page:
     families: list[FamilyRow]
     runs: list[Run]
     gallery: list[tuple[Run, list[Figure]]]
+    nfe: NFESection | None = None  # None: no run has a sweep, and the section is left out
 
 
 def provenance(runs: list[Run]) -> str:

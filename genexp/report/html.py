@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-from genexp.report.columns import RUNS, SUMMARY, Column, Page, cells, groups
+from genexp.report.columns import RUNS, SUMMARY, Column, NFESection, Page, cells, groups
 
 # marks every image's load state in the DOM (data-loaded, data-natural-width) and the count on <body>,
 # so a headless browser's DOM dump shows whether each image rendered
@@ -35,6 +35,7 @@ td.talk { text-align: center; background: #f6f6f6; font-weight: bold; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figure img { border: 1px solid #ccc; }
 figure img.samples { width: 240px; image-rendering: pixelated; }
+figure img.nfe { max-width: 100%; }
 figcaption { font-size: 0.8em; }
 .note { font-size: 0.85em; color: #555; max-width: 70em; }
 </style>"""
@@ -73,6 +74,23 @@ def _gallery(page: Page) -> list[str]:
     return body
 
 
+def _nfe(section: NFESection | None) -> list[str]:
+    """The quality-against-compute section; nothing when no run has a sweep."""
+    if section is None:
+        return []
+    fig = section.figure
+    return [
+        '<h2 id="nfe">Quality against compute (NFE)</h2>',
+        f'<figure><img class="{fig.kind}" src="{escape(fig.src)}" alt="{escape(fig.caption)}">'
+        f"<figcaption>{escape(fig.caption)}</figcaption></figure>",
+        table("nfe", section.columns, section.runs),
+        '<ul class="note" id="nfe-crossings">',
+        *(f"<li>{escape(line)}</li>" for line in section.crossings),
+        "</ul>",
+        f'<p class="note">{escape(section.note)}</p>',
+    ]
+
+
 def page(content: Page) -> str:
     return "\n".join(
         [
@@ -89,6 +107,7 @@ def page(content: Page) -> str:
             f'<p class="note">{escape(content.notes)}</p>',
             "<h2>Runs</h2>",
             table("runs", RUNS, content.runs),
+            *_nfe(content.nfe),
             "<h2>Samples and loss curves</h2>",
             *_gallery(content),
             "</body></html>",

@@ -3,7 +3,7 @@ page; Markdown has one header row, so a column's group prefixes its header (``Fi
 
 from __future__ import annotations
 
-from genexp.report.columns import RUNS, SUMMARY, Column, Page, cells
+from genexp.report.columns import RUNS, SUMMARY, Column, NFESection, Page, cells
 
 
 def _escape(text: str) -> str:
@@ -20,10 +20,20 @@ def table(columns: list[Column], rows: list) -> str:
     return "\n".join(lines)
 
 
+def _nfe(section: NFESection | None) -> list[str]:
+    """The quality-against-compute section; nothing when no run has a sweep."""
+    if section is None:
+        return []
+    md = ["## Quality against compute (NFE)", "", f"![{section.figure.caption}]({section.figure.src})", ""]
+    md += [table(section.columns, section.runs), ""]
+    return md + [f"- {line}" for line in section.crossings] + ["", section.note, ""]
+
+
 def page(content: Page) -> str:
     md = [f"# {content.title}", "", content.setup, "", "## Summary", ""]
     md += [table(SUMMARY, content.families), "", content.notes, ""]
-    md += ["## Runs", "", table(RUNS, content.runs), "", "## Samples and loss curves", ""]
+    md += ["## Runs", "", table(RUNS, content.runs), "", *_nfe(content.nfe)]
+    md += ["## Samples and loss curves", ""]
     for run, figs in content.gallery:
         md += [f"### {run.name}", ""]
         md += [f"![{fig.caption}]({fig.src})" for fig in figs] or ["no sample grid or CSV log"]
