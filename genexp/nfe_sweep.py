@@ -12,6 +12,7 @@ The top-level metrics are the largest NFE's; ``"nfe_sweep"`` holds every row, an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
@@ -74,12 +75,9 @@ def stepped_option(subject: Subject, nfe: tuple[int, ...]) -> str:
     for option in STEPPED:
         if option in options and model.get(option) is not None:
             return option
-    which = ", ".join(
-        f.name for f in map(families.get, families.names()) if set(STEPPED) & set(f.sample_options)
-    )
     raise GenexpError(
         f"nfe={list(nfe)}: {subject.family} has no sampler or solver whose steps set its NFE (nfe applies to "
-        f"{which}); drop the nfe option"
+        "a family whose family.sample_options name sampler or solver); drop the nfe option"
     )
 
 
@@ -195,7 +193,7 @@ def write_plot(path: Path, rows: list[dict], label: str) -> Path:
 
 
 def sweep(
-    subject: Subject, settings: EvalSettings, extractor, info, path: Path, nfe: tuple[int, ...]
+    subject: Subject, settings: EvalSettings, extractor, info, path: Path, nfe: tuple[int, ...], given: dict
 ) -> Measured:
     """Every NFE measured in ascending order (a :data:`genexp.evaluation.Measure`); the top-level
     results are the largest NFE's, with bits/dim and reconstruction measured once."""
@@ -218,9 +216,14 @@ def sweep(
     table = {"option": option, "name": name, "rows": rows}
     provenance = {"feature_extractor": info} if set(settings.metrics) & set(FIDELITY) else {}
     provenance["nfe_plot"] = str(write_plot(path, rows, f"{subject.family} {name}"))
-    return Measured(results, provenance, largest, {"nfe_sweep": table}, {"nfe": list(nfe)})
+    return Measured(results, provenance, largest, {"nfe_sweep": table}, {**given, "nfe": list(nfe)})
 
 
-def measurer(nfe: tuple[int, ...]) -> Measure:
-    """The :data:`genexp.evaluation.Measure` that sweeps ``nfe``."""
-    return functools.partial(sweep, nfe=nfe)
+def for_sweep(settings: EvalSettings, nfe: tuple[int, ...]) -> tuple[EvalSettings, Measure]:
+    """(the settings the run is loaded with, the :data:`genexp.evaluation.Measure` that sweeps ``nfe``).
+
+    A ``sampler``/``solver`` the user gave is loaded at steps=1: each NFE sets its own steps, and the
+    group's default (DDIM's 50) may not fit a short schedule. The fingerprint keeps the node as given."""
+    given = {k: getattr(settings, k) for k in STEPPED if getattr(settings, k)}
+    loading = {k: {**node, "steps": 1} for k, node in given.items() if "steps" in node}
+    return dataclasses.replace(settings, **loading), functools.partial(sweep, nfe=nfe, given=given)

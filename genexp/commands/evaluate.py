@@ -24,9 +24,8 @@ def run(cfg: DictConfig) -> tuple[dict, Path]:
     settings = settings_from_config(cfg)
     nfe = nfe_sweep.check_nfe(cfg.get("nfe"))  # before any work, like the settings
     out = cfg.get("out")
-    evaluation = evaluate_checkpoint(
-        str(cfg.ckpt), settings, out, nfe_sweep.measurer(nfe) if nfe else measure
-    )
+    settings, measured_by = nfe_sweep.for_sweep(settings, nfe) if nfe else (settings, measure)
+    evaluation = evaluate_checkpoint(str(cfg.ckpt), settings, out, measured_by)
     path = evaluation_file(out) or Path(evaluation["provenance"]["run_dir"]) / layout.EVALUATION_JSON
     return evaluation, path
 
