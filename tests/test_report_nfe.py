@@ -13,10 +13,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import compose_cfg, tiny
+from omegaconf import OmegaConf
 from PIL import Image
+from test_nfe_sweep import sweep
 from test_report import DomSummary, fake_run
 
 from genexp.commands.report import write_report
+from genexp.commands.train import train
 from genexp.report import MANIFEST
 from genexp.report.collect import Sweep, SweepRow, read_run
 from genexp.report.nfe import crossing
@@ -133,7 +138,8 @@ def test_a_corrupt_sweep_is_skipped_with_a_warning_naming_the_file_and_the_repor
         {**good[1], "fid": "nan"},  # a string, not a number
         {**good[2], "fid": float("inf")},  # json.dumps writes Infinity; json.loads reads it back
         "a row",
-        {**good[3], "nfe": None},
+        {**good[3], "nfe": None},  # kept: the NFE asked stands in for the NFE spent
+        {**good[3], "nfe": None, "nfe_requested": "32"},
         {**good[0], "fid": 99.0},  # NFE 4 again
         good[4],
     ]
@@ -147,8 +153,8 @@ def test_a_corrupt_sweep_is_skipped_with_a_warning_naming_the_file_and_the_repor
     assert f"report: skipping row 1 of {fm}'s nfe_sweep (no finite fid)" in warnings
     assert f"report: skipping row 2 of {fm}'s nfe_sweep (no finite fid)" in warnings
     assert f"report: skipping row 3 of {fm}'s nfe_sweep (no finite nfe, fid, ms_per_sample)" in warnings
-    assert f"report: skipping row 4 of {fm}'s nfe_sweep (no finite nfe)" in warnings
-    assert f"report: skipping row 5 of {fm}'s nfe_sweep (NFE 4 again)" in warnings
+    assert f"report: skipping row 5 of {fm}'s nfe_sweep (no finite nfe)" in warnings
+    assert f"report: skipping row 6 of {fm}'s nfe_sweep (NFE 4 again)" in warnings
     ddpm0, ddpm1 = (tmp_path / f"ddpm-seed{s}" / "evaluation.json" for s in (0, 1))
     assert any(w.startswith(f"report: skipping {ddpm0}'s nfe_sweep (no list of rows)") for w in warnings)
     assert any(
@@ -157,9 +163,13 @@ def test_a_corrupt_sweep_is_skipped_with_a_warning_naming_the_file_and_the_repor
     assert len(warnings) == 8  # ddpm-seed1: its one row, then its sweep
 
     sweep = read_run(tmp_path / "flow_matching-seed0").sweep
-    assert [(r.nfe_requested, r.fid) for r in sweep.rows] == [(4, 40.0), (64, 8.0)]  # the first NFE 4 kept
+    assert [(r.nfe_requested, r.nfe, r.fid) for r in sweep.rows] == [
+        (4, 4, 40.0),
+        (32, 32, 10.0),
+        (64, 64, 8.0),
+    ]
     md = md_path.read_text()
-    assert "| Flow matching | EulerSolver (solver) | flow_matching-seed0 | 40 | 2 | 8 | 32 |" in md
+    assert "| Flow matching | EulerSolver (solver) | flow_matching-seed0 | 40 | 2 | 10 | 16 | 8 | 32 |" in md
     assert "No sweep in ddpm-seed0, ddpm-seed1" in md and "## Summary" in md and "## Runs" in md
     assert "Quality against compute (NFE)</h2>" in html_path.read_text()
 
@@ -237,3 +247,30 @@ def test_the_section_renders_in_chromium_with_its_figure_loaded(three_sweeps):
     assert img["data-loaded"] == "yes" and int(img["data-natural-width"]) > 0, img
     assert [row[2] for row in parsed.rows["nfe"]] == ["ddpm-seed0", "ddpm-seed1", "flow_matching-seed0"]
     assert parsed.rows["nfe"][2][3:5] == ["40", "2"]
+
+
+@pytest.mark.slow
+def test_report_over_runs_genexp_evaluate_swept(tmp_path):
+    """End to end: two tiny trained families, ``genexp evaluate nfe=[2,4]`` on each, then the report
+    reads the sweeps evaluate wrote (the file format is evaluate's, not a fabricated one)."""
+    fast = ["~callbacks.sample_grid", "trainer.limit_train_batches=1", "data.batch_size=8"]
+    for family, option in (("flow_matching", []), ("ddpm", ["sampler=ddim"])):
+        cfg = compose_cfg([*tiny(family), *fast], tmp_path / family)
+        train(cfg)
+        sweep(tmp_path / family, "[2,4]", *option)
+        # what the CLI's Hydra run dir holds beside (compose_cfg skips it): the config, the choices
+        (tmp_path / family / ".hydra").mkdir(exist_ok=True)
+        (tmp_path / family / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        choices = {"hydra": {"runtime": {"choices": {"model": family, "dataset": "synthetic"}}}}
+        (tmp_path / family / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(choices))
+    runs = {p.name: read_run(p) for p in (tmp_path / "flow_matching", tmp_path / "ddpm")}
+    for run in runs.values():
+        assert run.sweep is not None and [r.nfe_requested for r in run.sweep.rows] == [2, 4], run.evaluation
+    _, md_path = write_report(tmp_path)
+    md = md_path.read_text()
+    section = md.split("## Quality against compute (NFE)")[1].split("## Samples")[0]
+    for name, run in runs.items():
+        assert f"| {run.sweep.name} ({run.sweep.option}) | {name} |" in section
+    assert sum(line.startswith("- ") for line in section.splitlines()) == 1  # one pair, one sentence
+    with Image.open(tmp_path / "report" / "images" / "nfe_sweep.png") as im:
+        assert im.format == "PNG" and im.width > 0

@@ -95,17 +95,19 @@ class Sweep:
     rows: tuple[SweepRow, ...]
 
 
-SWEEP_KEYS = ("nfe", "fid", "ms_per_sample")  # what a row needs to be drawn and tabled
-
-
 def _sweep_row(raw: Any) -> SweepRow | str:
-    """A row of finite numbers, or why not (a hand-edited file may hold anything)."""
+    """A row of finite numbers, or why not (a hand-edited file may hold anything). The NFE spent
+    stands in for the NFE asked, and the reverse, where a row holds only one of them."""
     raw = as_dict(raw)
-    values = {k: number(raw.get(k)) for k in SWEEP_KEYS}
+    requested, spent = number(raw.get("nfe_requested")), number(raw.get("nfe"))
+    values = {
+        "nfe": spent if spent is not None else requested,
+        "fid": number(raw.get("fid")),
+        "ms_per_sample": number(raw.get("ms_per_sample")),
+    }
     missing = [k for k, v in values.items() if v is None]
     if missing:
         return f"no finite {', '.join(missing)}"
-    requested = number(raw.get("nfe_requested"))
     return SweepRow(values["nfe"] if requested is None else requested, **values)
 
 
