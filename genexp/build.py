@@ -37,6 +37,7 @@ genexp.data.torchvision_sets.FashionMNIST
 genexp.data.torchvision_sets.MNIST
 genexp.diffusion.fast_samplers.DPMSolverPPSampler
 genexp.diffusion.fast_samplers.HeunSampler
+genexp.diffusion.langevin.AnnealedLangevin
 genexp.diffusion.noise_schedule.NoiseSchedule
 genexp.diffusion.ode_solvers.Dopri5Solver
 genexp.diffusion.ode_solvers.EulerSolver
@@ -65,6 +66,7 @@ genexp.models.flow_matching.FlowMatching
 genexp.models.gan.GAN
 genexp.models.glow.Glow
 genexp.models.ldm.LDM
+genexp.models.ncsn.NCSN
 genexp.models.pixel_transformer.PixelTransformer
 genexp.models.pixelcnn.PixelCNN
 genexp.models.realnvp.RealNVP
