@@ -44,12 +44,16 @@ genexp.diffusion.ode_solvers.EulerSolver
 genexp.diffusion.ode_solvers.HeunSolver
 genexp.diffusion.ode_solvers.MidpointSolver
 genexp.diffusion.ode_solvers.RK4Solver
+genexp.diffusion.pc.PCSampler
 genexp.diffusion.samplers.DDIMSampler
 genexp.diffusion.samplers.DDPMSampler
 genexp.diffusion.schedules.cosine
 genexp.diffusion.schedules.linear
 genexp.diffusion.schedules.quadratic
 genexp.diffusion.schedules.sigmoid
+genexp.diffusion.sde.SubVPSDE
+genexp.diffusion.sde.VESDE
+genexp.diffusion.sde.VPSDE
 genexp.lit.callbacks.SampleGrid
 genexp.lit.checkpointing.StepCheckpoint
 genexp.lit.datamodule.DataModule
@@ -70,6 +74,7 @@ genexp.models.ncsn.NCSN
 genexp.models.pixel_transformer.PixelTransformer
 genexp.models.pixelcnn.PixelCNN
 genexp.models.realnvp.RealNVP
+genexp.models.score_sde.ScoreSDE
 genexp.models.vae.VAE
 genexp.nets.time_mlp.TimeMLP
 genexp.nets.unet.UNet
