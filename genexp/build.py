@@ -37,7 +37,7 @@ genexp.data.torchvision_sets.FashionMNIST
 genexp.data.torchvision_sets.MNIST
 genexp.diffusion.fast_samplers.DPMSolverPPSampler
 genexp.diffusion.fast_samplers.HeunSampler
-genexp.diffusion.langevin.AnnealedLangevin
+genexp.diffusion.langevin.LangevinSampler
 genexp.diffusion.noise_schedule.NoiseSchedule
 genexp.diffusion.ode_solvers.Dopri5Solver
 genexp.diffusion.ode_solvers.EulerSolver

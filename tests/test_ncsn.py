@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from genexp.diffusion.langevin import AnnealedLangevin, SigmaLadder
+from genexp.diffusion.langevin import LangevinSampler, SigmaLadder
 from genexp.diffusion.ode_likelihood import bits_per_dim, dequantize
 from genexp.diffusion.samplers import DDIMSampler
 from genexp.errors import ConfigError
@@ -55,7 +55,7 @@ class GaussianScoreNet(torch.nn.Module):
 
 
 def langevin(**kwargs):
-    return functools.partial(AnnealedLangevin, **kwargs)
+    return functools.partial(LangevinSampler, **kwargs)
 
 
 def gaussian_model(sigma_min=0.01, sigma_max=50.0, num_scales=10, **kwargs) -> NCSN:
@@ -118,12 +118,12 @@ def test_annealed_langevin_with_the_exact_score_reaches_the_blurred_data():
     chain (Tweedie's E[x | x̃])."""
     ladder = SigmaLadder(*LADDER)
     x_T = 3.0 * torch.randn(10_000, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    chain = AnnealedLangevin(ladder, **CHAIN, denoise=False)
+    chain = LangevinSampler(ladder, **CHAIN, denoise=False)
     x = chain.sample(exact_score(), x_T, torch.Generator().manual_seed(3))
     assert chain.nfe == 4 * 150
     assert abs(x.mean().item() - MU) < 0.01
     assert x.var().item() == pytest.approx(S**2 + 0.2**2, rel=0.04)
-    denoised = AnnealedLangevin(ladder, **CHAIN, denoise=True)
+    denoised = LangevinSampler(ladder, **CHAIN, denoise=True)
     y = denoised.sample(exact_score(), x_T, torch.Generator().manual_seed(3))
     sigma_l = torch.full((10_000,), 0.2, dtype=torch.float64)
     torch.testing.assert_close(y, x + 0.2**2 * exact_score()(x, sigma_l))
@@ -133,7 +133,7 @@ def test_annealed_langevin_with_the_exact_score_reaches_the_blurred_data():
 def test_the_step_sizes_follow_algorithm_1():
     """α_i = ε σ_i² / σ_L²: ε at the last level, ε γ^(2(L − i)) above it."""
     ladder = SigmaLadder(0.01, 1.0, 3)  # σ = 1, 0.1, 0.01
-    alphas = AnnealedLangevin(ladder, step_lr=1e-5).step_sizes()
+    alphas = LangevinSampler(ladder, step_lr=1e-5).step_sizes()
     torch.testing.assert_close(alphas, torch.tensor([1e-1, 1e-3, 1e-5], dtype=torch.float64))
 
 
@@ -191,15 +191,15 @@ def test_the_ladder_is_geometric_and_its_time_inverts_it():
 
 def test_the_nfe_and_steps_for_nfe():
     """NFE = L · T + denoise; steps_for_nfe is the most T within a budget, given the model's L."""
-    assert AnnealedLangevin(SigmaLadder(0.01, 1.0, 10), steps_per_scale=3).nfe == 31
-    assert AnnealedLangevin(SigmaLadder(0.01, 1.0, 10), steps_per_scale=3, denoise=False).nfe == 30
-    assert AnnealedLangevin.steps_for_nfe(31, num_scales=10) == 3
-    assert AnnealedLangevin.steps_for_nfe(40, num_scales=10, denoise=True, step_lr=1e-5) == 3
-    assert AnnealedLangevin.steps_for_nfe(40, num_scales=10, denoise=False) == 4
-    assert AnnealedLangevin.steps_for_nfe(5, num_scales=10) == 0  # below one step per level
-    assert AnnealedLangevin.steps_key == "steps_per_scale"
+    assert LangevinSampler(SigmaLadder(0.01, 1.0, 10), steps_per_scale=3).nfe == 31
+    assert LangevinSampler(SigmaLadder(0.01, 1.0, 10), steps_per_scale=3, denoise=False).nfe == 30
+    assert LangevinSampler.steps_for_nfe(31, num_scales=10) == 3
+    assert LangevinSampler.steps_for_nfe(40, num_scales=10, denoise=True, step_lr=1e-5) == 3
+    assert LangevinSampler.steps_for_nfe(40, num_scales=10, denoise=False) == 4
+    assert LangevinSampler.steps_for_nfe(5, num_scales=10) == 0  # below one step per level
+    assert LangevinSampler.steps_key == "steps_per_scale"
     with pytest.raises(ConfigError, match="num_scales"):
-        AnnealedLangevin.steps_for_nfe(31)
+        LangevinSampler.steps_for_nfe(31)
 
 
 def test_bad_values_are_refused_naming_the_key():
@@ -233,7 +233,7 @@ def test_langevin_refuses_a_noise_schedule():
     from genexp.diffusion.schedules import linear
 
     with pytest.raises(ConfigError, match="NoiseSchedule; pick one of this model's samplers") as err:
-        AnnealedLangevin(NoiseSchedule(linear, timesteps=10))
+        LangevinSampler(NoiseSchedule(linear, timesteps=10))
     assert err.value.key == "_target_"
 
 
@@ -265,7 +265,7 @@ def test_a_tiny_run_trains_samples_and_reports_test_bpd(tiny_cfg, tmp_path):
     drawn = sample(compose_app("sample", [f"ckpt={run}", "n=3"]))
     images, meta = load_npz(drawn.npz)
     assert images.shape == (3, 1, 16, 16) and meta["sampler"]["nfe"] == 5
-    assert meta["sampler"]["name"] == "AnnealedLangevin"
+    assert meta["sampler"]["name"] == "LangevinSampler"
     swapped = sample(
         compose_app("sample", [f"ckpt={run}", "n=3", "sampler=langevin", "sampler.steps_per_scale=2"])
     )

@@ -10,7 +10,7 @@ distance of the training images), σ_L small enough that q_σL is the data, and 
 continuous interpolation σ(t) = σ_min (σ_max/σ_min)^t, t in [0, 1] (Song et al. 2021, the VE SDE of
 eq. 9 / 31), which the probability-flow ODE of the model and its likelihood use.
 
-:class:`AnnealedLangevin` is Song & Ermon 2019, Algorithm 1: for each σ_i, T Langevin steps
+:class:`LangevinSampler` is Song & Ermon 2019, Algorithm 1: for each σ_i, T Langevin steps
 
     x ← x + (α_i / 2) s(x, σ_i) + √α_i z,   α_i = ε σ_i² / σ_L²,   z ~ N(0, I),
 
@@ -74,7 +74,7 @@ class SigmaLadder(nn.Module):
         return torch.log(sigma / self.sigma_min) / self.log_ratio
 
 
-class AnnealedLangevin:
+class LangevinSampler:
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) with NCSNv2's final denoising.
 
     Args:

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from genexp.diffusion.langevin import AnnealedLangevin, SigmaLadder
+from genexp.diffusion.langevin import LangevinSampler, SigmaLadder
 from genexp.diffusion.ode_likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from genexp.diffusion.samplers import noise_like
 from genexp.errors import ConfigError, check_choice, check_float, check_int
@@ -53,11 +53,11 @@ from genexp.models.base import LossOutput, check_net_fits, upcast
 BPD_STAGES = ("val", "test")
 
 
-def langevin_sampler(sampler: Callable, ladder: SigmaLadder) -> AnnealedLangevin:
+def langevin_sampler(sampler: Callable, ladder: SigmaLadder) -> LangevinSampler:
     """The ``sampler/`` node (a ``_partial_``) completed with the ladder; any other sampler (one
     built for a noise schedule) is refused in one line before it is called."""
     target = getattr(sampler, "func", sampler)
-    if not (isinstance(target, type) and issubclass(target, AnnealedLangevin)):
+    if not (isinstance(target, type) and issubclass(target, LangevinSampler)):
         name = getattr(target, "__name__", type(target).__name__)
         raise ConfigError(
             "sampler",
@@ -74,7 +74,7 @@ def langevin_sampler(sampler: Callable, ladder: SigmaLadder) -> AnnealedLangevin
 class NCSN(nn.Module):
     """Args:
     net: ``(B, C, H, W), (B,) -> (B, C, H, W)`` (a UNet from ``net/``); s_θ(x, σ) = net(x, c(σ)) / σ.
-    sampler: ``ladder -> AnnealedLangevin`` (``sampler=langevin``, ``_partial_``): how ``sample`` runs.
+    sampler: ``ladder -> LangevinSampler`` (``sampler=langevin``, ``_partial_``): how ``sample`` runs.
     image_size, channels: data shape (from the dataset config); must match the net.
     sigma_min, sigma_max, num_scales: the geometric ladder σ_1 = σ_max > ... > σ_L = σ_min, L levels.
     time_scale: c(σ) = time_scale · log(σ/σ_min) / log(σ_max/σ_min), the net's time input (999:
