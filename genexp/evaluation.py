@@ -289,14 +289,17 @@ def fidelity_results(subject: Subject, settings: EvalSettings, extractor, info) 
 
 def model_results(subject: Subject, settings: EvalSettings) -> dict:
     """bits/dim, reconstruction and speed, each where asked for (:data:`NA` where the family has none)."""
-    from genexp.metrics.bpd import mean_bpd
+    from genexp.metrics.bpd import mean_bpd_with_error
     from genexp.metrics.recon import reconstruction
 
     model, real, device, wanted = subject.model, subject.real, subject.device, settings.metrics
     results: dict[str, Any] = {}
     if "bpd" in wanted:
         if isinstance(model, Likelihood):
-            results["bpd"] = mean_bpd(model, real, settings.batch_size, device, settings.seed)
+            bpd = mean_bpd_with_error(model, real, settings.batch_size, device, settings.seed)
+            results["bpd"] = bpd.value
+            if bpd.std_err is not None:  # an estimate (the ODE's Hutchinson trace): its standard error
+                results["bpd_std_err"] = bpd.std_err
             results["bpd_num_images"] = len(real)
         else:
             results["bpd"] = NA

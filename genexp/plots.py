@@ -41,12 +41,14 @@ def nfe_figure(curves: list[NFECurve], title: str = "") -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
     panels = (
         (axes[0], "nfe", "NFE (network evaluations)", 2),
         (axes[1], "ms_per_sample", "wall-clock ms per sample", 10),
     )
+    fids = [y for curve in curves for y in _points(curve.nfe, curve.fid)[1]]
     for ax, field, xlabel, base in panels:
         drawn = False
         for curve in curves:
@@ -56,16 +58,32 @@ def nfe_figure(curves: list[NFECurve], title: str = "") -> bytes:
                 drawn = True
         if drawn:
             ax.set_xscale("log", base=base)
-            ax.legend(fontsize=7)
+            if base == 10:
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            if min(fids) > 0 and max(fids) / min(fids) > 10:  # few-step FIDs are 10x the many-step ones
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            for axis in (ax.xaxis, ax.yaxis):  # plain numbers (16, not 2^4); no crowded minor labels
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
         else:
             ax.text(0.5, 0.5, "no FID measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID")
         ax.grid(True, which="both", alpha=0.3)
+    if any(_points(curve.nfe, curve.fid)[0] for curve in curves):
+        axes[0].legend(fontsize=7, loc="upper right")  # one legend: the curves are the same runs
     axes[0].set_title("FID vs NFE", fontsize=9)
     axes[1].set_title("FID vs wall-clock", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
+    return png_bytes(fig)
+
+
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes, closed afterwards (tight layout)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

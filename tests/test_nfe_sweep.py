@@ -244,3 +244,21 @@ def test_fingerprint_without_nfe_is_the_old_one():
     }  # fmt: skip
     assert set(settings_from_config(compose_app("evaluate", [])).fingerprint()) == old
     assert set(settings_from_config(compose_app("evaluate", ["nfe=[4,8]"])).fingerprint()) == old
+
+
+def test_evaluate_reports_the_ode_estimate_s_standard_error_beside_bpd(runs, tmp_path):
+    """``metrics=[bpd]``: flow matching's ODE bits/dim (Hutchinson, 2 probes) comes with
+    ``eval/bpd_std_err``; an exact likelihood or a bound (vae, ddpm's default) has none."""
+    for family, has_error in (("flow_matching", True), ("vae", False), ("ddpm", False)):
+        evaluation, _ = evaluate(
+            compose_app(
+                "evaluate",
+                [f"ckpt={runs[family]}", "metrics=[bpd]", "eval.num_real=8", f"out={tmp_path / family}.json"],
+            )
+        )
+        metrics = evaluation["metrics"]
+        assert metrics["eval/bpd"] > 0
+        if has_error:
+            assert 0 < metrics["eval/bpd_std_err"] < 0.1 * metrics["eval/bpd"], family
+        else:
+            assert "eval/bpd_std_err" not in metrics, family

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
+from genexp.plots import png_bytes
 from genexp.report.collect import Run, read_curves
 from genexp.report.columns import Figure
 
@@ -35,11 +35,7 @@ def _draw(name: str, train: dict, val: dict) -> bytes:
     axes[0].set_title("training loss", fontsize=9)
     axes[1].set_title("validation", fontsize=9)
     fig.suptitle(name, fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def plot_curves(run: Run) -> bytes | None:
