@@ -28,8 +28,9 @@ ASPECTS = ("likelihood", "stability", "fidelity", "speed")  # the talk's Summary
 RATINGS = ("○", "△", "×")  # good, fair, poor (the talk's marks)
 NOT_RATED = "—"  # a family the talk does not rate
 SAMPLE_OPTIONS = ("temperature", "truncation", "sampler", "solver")  # genexp sample's family-specific keys
-FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "tiny", "renamed")
-OPTIONAL = ("renamed",)  # fields a family node may leave out (every other one is written out)
+NODE_OPTIONS = ("sampler", "solver")  # the sample options that replace a model node
+FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "tiny", "renamed", "selects")
+OPTIONAL = ("renamed", "selects")  # fields a family node may leave out (every other one is written out)
 NODE = "family"  # under the model node: model.family
 
 
@@ -46,6 +47,9 @@ class Family:
     target: str = ""  # the model node's _target_: how a stored config finds its family
     # config keys the family has renamed, old -> new: a run dir written before resumes (resume.py)
     renamed: dict[str, str] = field(default_factory=dict)
+    # a family that samples by either node: the model keys choosing an option also sets
+    # (``solver: {model.sample_with: ode}``), so ``genexp sample solver=heun`` samples by the ODE
+    selects: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def rated(self) -> bool:
@@ -132,6 +136,7 @@ def parse(name: str, node: Mapping, where: str, target: str = "") -> Family:
         tiny=_overrides(node.get("tiny", []), where, f"{key}.tiny"),
         target=target,
         renamed=_renamed(node.get("renamed", {}), where, f"{key}.renamed"),
+        selects=_selects(node.get("selects", {}), where, f"{key}.selects"),
     )
 
 
@@ -176,3 +181,44 @@ def _renamed(value: Any, where: str, key: str) -> dict[str, str]:
     ):
         raise GenexpError(f"{where}{key}={value!r}: must map each old config key to its new one")
     return dict(value)
+
+
+def _selects(value: Any, where: str, key: str) -> dict[str, dict[str, Any]]:
+    """``{sampler|solver: {model.<key>: <scalar>}}``: the model keys each option sets."""
+    fix = "must map sampler/solver to {model.<key>: <value>}"
+    if not isinstance(value, Mapping):
+        raise GenexpError(f"{where}{key}={value!r}: {fix}")
+    out = {}
+    for option, keys in value.items():
+        if option not in NODE_OPTIONS:
+            raise GenexpError(f"{where}{key}.{option}: not one of {', '.join(NODE_OPTIONS)}")
+        if not isinstance(keys, Mapping) or not all(
+            isinstance(k, str) and k.startswith("model.") and isinstance(v, str | int | float | bool)
+            for k, v in keys.items()
+        ):
+            raise GenexpError(f"{where}{key}.{option}={keys!r}: {fix}")
+        out[option] = dict(keys)
+    return out
+
+
+def active_node(family: Family | None, model_node: Mapping) -> str | None:
+    """``sampler`` or ``solver``: the node a built model samples with. A family that samples by
+    either (its ``selects``) uses the option whose selected values the node holds; any other the
+    first node it has (None: it has neither)."""
+    present = [k for k in NODE_OPTIONS if model_node.get(k) is not None]
+    if family is not None:
+        for option in present:
+            chosen = family.selects.get(option)
+            if chosen and all(_value(model_node, k) == v for k, v in chosen.items()):
+                return option
+    return present[0] if present else None
+
+
+def _value(model_node: Mapping, key: str) -> Any:
+    """``model_node``'s value at the dotted ``model.<a>.<b>`` key (None where absent)."""
+    node: Any = model_node
+    for part in key.removeprefix("model.").split("."):
+        if not isinstance(node, Mapping | DictConfig) or part not in node:
+            return None
+        node = node[part]
+    return node

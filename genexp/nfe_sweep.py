@@ -71,10 +71,10 @@ def stepped_option(subject: Subject, nfe: tuple[int, ...]) -> str:
     ``family.sample_options``; a family outside genexp's configs: the node its model config has)."""
     family = families.of_model_config(subject.loaded.config.model)
     model = subject.loaded.config.model
-    options = family.sample_options if family else tuple(k for k in STEPPED if model.get(k) is not None)
-    for option in STEPPED:
-        if option in options and model.get(option) is not None:
-            return option
+    options = family.sample_options if family else STEPPED
+    option = families.active_node(family, model)  # a family sampling by either node: the one in use
+    if option in options:
+        return option
     raise GenexpError(
         f"nfe={list(nfe)}: {subject.family} has no sampler or solver whose steps set its NFE (nfe applies to "
         "a family whose family.sample_options name sampler or solver); drop the nfe option"

@@ -65,6 +65,7 @@ def load_for_sampling(ckpt: str, sampler: dict | None = None, solver: dict | Non
     overrides = {key: node for key, node in (("model.sampler", sampler), ("model.solver", solver)) if node}
     if not overrides:
         return load_model(ckpt)
+    overrides.update(_selected(ckpt, sampler, solver))
     try:
         return load_model(ckpt, overrides)
     except MissingNode as err:
@@ -74,6 +75,24 @@ def load_for_sampling(ckpt: str, sampler: dict | None = None, solver: dict | Non
             f"{option}: {family_name(err.config)} has no {option} to choose (it applies to {which}, whose "
             f"model.{option} it replaces); drop the {option} option"
         ) from None
+
+
+def _selected(ckpt: str, sampler: dict | None, solver: dict | None) -> dict:
+    """The model keys the chosen option sets for a family that samples by either node (its
+    ``family.selects``: ``solver=heun`` on a score SDE also sets ``model.sample_with=ode``)."""
+    from genexp.checkpoints import read, stored_config, weights_of
+
+    path = weights_of(ckpt)
+    config = stored_config(read(path), path)
+    family = families.of_model_config(config.model)
+    chosen = [option for option, node in (("sampler", sampler), ("solver", solver)) if node]
+    if family is None or not family.selects:
+        return {}
+    if len(chosen) > 1:
+        raise GenexpError(
+            f"sampler, solver: {family.name} samples with one of them at a time; pass either sampler= or solver="
+        )
+    return dict(family.selects.get(chosen[0], {}))
 
 
 def sample_kwargs(loaded: LoadedModel, temperature: Any, truncation: Any) -> dict:
@@ -104,7 +123,8 @@ def sampler_description(config: DictConfig, model: Any = None) -> dict | None:
     """The diffusion sampler or flow matching ODE solver in use (class and arguments) for the
     metadata, or None; with the built ``model``, also ``nfe``: its network evaluations per sample
     (Heun's differ from its steps; an adaptive solver's: the mean over the ``sample`` calls made)."""
-    node = config.model.get("sampler") or config.model.get("solver")
+    option = families.active_node(families.of_model_config(config.model), config.model)
+    node = config.model.get(option) if option else None
     if node is None:
         return None
     plain = OmegaConf.to_container(node, resolve=True)

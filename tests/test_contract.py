@@ -12,6 +12,7 @@ from genexp.build import build_model
 from genexp.models.base import (
     Adversarial,
     Autoencoding,
+    EstimatedLikelihood,
     Generative,
     Likelihood,
     LossOutput,
@@ -104,11 +105,13 @@ PROTOCOLS = {
     "gan": {Adversarial},
     "realnvp": {Likelihood},
     "glow": {Likelihood},
-    "ddpm": {Likelihood},
+    "ddpm": {Likelihood, EstimatedLikelihood},
     "ldm": {Reconstructing, Preparable},
     "pixelcnn": {Likelihood},
     "pixel_transformer": {Likelihood},
-    "flow_matching": {Likelihood},
+    "flow_matching": {Likelihood, EstimatedLikelihood},
+    "ncsn": {Likelihood, EstimatedLikelihood},
+    "score_sde": {Likelihood, EstimatedLikelihood},
 }
 
 
@@ -116,7 +119,7 @@ PROTOCOLS = {
 def test_each_family_implements_its_protocols(option, tmp_path, build):
     model, _ = build(option, tmp_path)
     assert isinstance(model, Adversarial if Adversarial in PROTOCOLS.get(option, ()) else Generative)
-    for protocol in (Likelihood, Reconstructing, Autoencoding, Preparable):
+    for protocol in (Likelihood, EstimatedLikelihood, Reconstructing, Autoencoding, Preparable):
         implied = protocol is Reconstructing and Autoencoding in PROTOCOLS.get(option, ())
         expected = protocol in PROTOCOLS.get(option, ()) or implied
         assert isinstance(model, protocol) == expected, f"{option}: {protocol.__name__}"

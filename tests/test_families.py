@@ -46,6 +46,8 @@ def test_the_talks_ratings():
     assert {n: m for n, m in marks.items() if m != "————"} == {
         "vae": "△○△○",
         "ddpm": "○○○×",
+        "ncsn": "○○○×",  # the talk's diffusion row covers both kinds (SBM and DPM)
+        "score_sde": "○○○×",
         "realnvp": "○△△○",
         "glow": "○△△○",
         "gan": "××○○",
@@ -95,6 +97,14 @@ def test_a_stored_config_without_a_family_node_finds_its_family():
             "w.yaml: model.family.tiny=['model.width']: must be a list",
         ),
         ({"ratings": {}}, "w.yaml: model.family.label=None: must be"),
+        (
+            {"label": "x", "selects": {"temperature": {"model.t": 1}}},
+            "w.yaml: model.family.selects.temperature: not one of sampler, solver",
+        ),
+        (
+            {"label": "x", "selects": {"solver": {"sample_with": "ode"}}},
+            "w.yaml: model.family.selects.solver={'sample_with': 'ode'}: must map sampler/solver to",
+        ),
     ],
 )
 def test_a_bad_family_node_is_one_line_naming_the_file_and_key(node, message):
@@ -173,3 +183,19 @@ def test_a_run_dir_from_before_a_rename_resumes_under_the_new_keys(tmp_path):
     assert cfg.module.optimizers.generator.lr == cfg.optimizer.lr  # untouched: still the shared lr
     kept = ["model=vae", "model.d_optimizer.lr=4e-4"]  # not a key the VAE renamed: left alone
     assert replayed_overrides(run_dir("vae", "genexp.models.vae.VAE", kept)) == kept
+
+
+def test_the_node_a_family_samples_with_follows_its_selects():
+    """A family that samples by either node (score_sde: ``model.sample_with``) reports the one in
+    use; any other family the node it has."""
+    score_sde, flow = families.get("score_sde"), families.get("flow_matching")
+    assert score_sde.selects == {
+        "sampler": {"model.sample_with": "sde"},
+        "solver": {"model.sample_with": "ode"},
+    }
+    both = {"sampler": {"_target_": "P"}, "solver": {"_target_": "S"}}
+    assert families.active_node(score_sde, {**both, "sample_with": "sde"}) == "sampler"
+    assert families.active_node(score_sde, {**both, "sample_with": "ode"}) == "solver"
+    assert families.active_node(flow, {"solver": {"_target_": "S"}}) == "solver"
+    assert families.active_node(None, {"sampler": {"_target_": "P"}}) == "sampler"
+    assert families.active_node(flow, {"latent_dim": 8}) is None

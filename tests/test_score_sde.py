@@ -28,7 +28,7 @@ from genexp.diffusion.ode_solvers import HeunSolver, RK4Solver
 from genexp.diffusion.pc import ContinuousTime, PCSampler
 from genexp.diffusion.schedules import linear
 from genexp.diffusion.sde import VESDE, VPSDE, SubVPSDE
-from genexp.errors import ConfigError
+from genexp.errors import ConfigError, GenexpError
 from genexp.models.score_sde import ScoreSDE
 
 MU, S = 0.3, 0.4  # data N(μ, s² I) in the [-1, 1] coordinates
@@ -362,6 +362,26 @@ def test_a_tiny_run_checkpoints_samples_both_ways_and_reports_bpd(tiny_cfg, tmp_
     loaded = load_model(run, {"model.sample_with": "ode", "model.solver": heun})
     images = loaded.model.sample(3, torch.Generator().manual_seed(0))
     assert images.shape == (3, 1, 16, 16) and loaded.model.nfe_log == [6]
+    # genexp sample solver=heun: the family node's selects switch it to the ODE (model.sample_with=ode)
+    ode = sample(compose_app("sample", [f"ckpt={run}", "n=3", "solver=heun", "solver.steps=3"]))
+    meta = load_npz(ode.npz)[1]["sampler"]
+    assert meta["name"] == "HeunSolver" and meta["nfe"] == 6
+    with pytest.raises(GenexpError) as err:  # both at once: which way to sample is ambiguous
+        sample(compose_app("sample", [f"ckpt={run}", "n=3", "solver=heun", "sampler=pc"]))
+    assert str(err.value).startswith("sampler, solver: score_sde samples with one of them at a time")
+    # the NFE sweep steps the node the run samples with (PC by default), or the one passed
+    from genexp.commands.evaluate import evaluate
+
+    fast = ["metrics=[fid]", "eval.num_samples=8", "eval.kid_subset_size=4", "eval.classifier_epochs=1"]
+    fast += ["eval.speed_repeats=1", "eval.speed_batch_size=2"]
+    for extra, name, spent in (([], "PCSampler", [4, 8]), (["solver=euler"], "EulerSolver", [4, 8])):
+        evaluation, _ = evaluate(
+            compose_app(
+                "evaluate", [f"ckpt={run}", "nfe=[4,8]", *fast, *extra, f"out={tmp_path}/e{name}.json"]
+            )
+        )
+        table = evaluation["nfe_sweep"]
+        assert table["name"] == name and [row["nfe"] for row in table["rows"]] == spent
 
 
 def test_sample_draws_a_trained_ddpm_run_with_the_pc_sampler(tiny_cfg, tmp_path):
