@@ -250,7 +250,7 @@ def test_model_samples_from_the_prior_through_langevin_and_logs_the_nfe():
 
 def test_a_tiny_run_trains_samples_and_reports_test_bpd(tiny_cfg, tmp_path):
     """``genexp train model=ncsn`` (tiny) checkpoints and reports test/bpd; ``genexp sample`` draws
-    from it (NFE 4 levels x 1 step + denoise = 5 in the meta) and swaps steps_per_scale; a sampler
+    from it (NFE 4 levels x 5 steps + denoise = 21 in the meta) and swaps steps_per_scale; a sampler
     built for a noise schedule is refused in one line naming ``sampler``."""
     from test_sample_cli import compose_app, load_npz
 
@@ -264,7 +264,7 @@ def test_a_tiny_run_trains_samples_and_reports_test_bpd(tiny_cfg, tmp_path):
     assert metrics["test"]["test/bpd"] > 0 and (run / "checkpoints" / "last.ckpt").exists()
     drawn = sample(compose_app("sample", [f"ckpt={run}", "n=3"]))
     images, meta = load_npz(drawn.npz)
-    assert images.shape == (3, 1, 16, 16) and meta["sampler"]["nfe"] == 5
+    assert images.shape == (3, 1, 16, 16) and meta["sampler"]["nfe"] == 21
     assert meta["sampler"]["name"] == "LangevinSampler"
     swapped = sample(
         compose_app("sample", [f"ckpt={run}", "n=3", "sampler=langevin", "sampler.steps_per_scale=2"])
@@ -272,3 +272,38 @@ def test_a_tiny_run_trains_samples_and_reports_test_bpd(tiny_cfg, tmp_path):
     assert load_npz(swapped.npz)[1]["sampler"]["nfe"] == 4 * 2 + 1
     with pytest.raises(GenexpError, match=r"^model\.sampler='DDIMSampler': .*use sampler=langevin"):
         sample(compose_app("sample", [f"ckpt={run}", "n=3", "sampler=ddim"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["sampler=ddim"],
+            "model.sampler='DDIMSampler': ncsn samples by annealed Langevin dynamics only; use sampler=langevin",
+        ),
+        (["model.sigma_min=60"], "model.sigma_min=60: must be < model.sigma_max (50.0)"),
+        (["model.num_scales=1"], "model.num_scales=1: must be >= 2"),
+        (["sampler.step_lr=0"], "model.sampler.step_lr=0: must be > 0"),
+        (["sampler.steps_per_scale=0"], "model.sampler.steps_per_scale=0: must be >= 1"),
+    ],
+    ids=["ddim", "sigma_min", "num_scales", "step_lr", "steps_per_scale"],
+)
+def test_bad_values_fail_in_one_line_when_the_model_is_built(overrides, message, tiny_cfg):
+    """What ``genexp train model=ncsn <override>`` prints (docs/errors.md), raised while building,
+    before any training; ``sampler=langevin`` on a noise-schedule model likewise."""
+    from genexp.build import build_model
+    from genexp.errors import GenexpError
+
+    with pytest.raises(GenexpError) as err:
+        build_model(tiny_cfg(*overrides, model="ncsn"))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_langevin_on_a_noise_schedule_model_fails_in_one_line(tiny_cfg):
+    from genexp.build import build_model
+    from genexp.errors import GenexpError
+
+    with pytest.raises(
+        GenexpError, match=r"^model\.sampler\._target_='genexp\.diffusion\.langevin\.LangevinSampler': "
+    ):
+        build_model(tiny_cfg("sampler=langevin", model="ddpm"))
