@@ -112,7 +112,12 @@ def build_points(subject: Subject, nfe: tuple[int, ...]) -> tuple[str, str, list
             f"nfe={list(nfe)}: the run's {option} {name} has no step count to set (its NFE is fixed or "
             f"adaptive); {FIX[option]} to sweep the NFE, or drop the nfe option"
         )
-    others = {k: v for k, v in node.items() if k not in ("_target_", "_partial_", "steps")}
+    key = getattr(cls, "steps_key", "steps")  # the node key that sets its steps (Langevin: steps_per_scale)
+    # steps_for_nfe sees the node's other arguments over the model's scalar keys (the NFE of
+    # annealed Langevin counts the model's sigma levels)
+    model = OmegaConf.to_container(subject.loaded.config.model, resolve=False)
+    others = {k: v for k, v in model.items() if not isinstance(v, dict | list)}
+    others.update({k: v for k, v in node.items() if k not in ("_target_", "_partial_", key)})
     points = []
     for n in nfe:
         steps = int(cls.steps_for_nfe(n, **others))
@@ -123,12 +128,10 @@ def build_points(subject: Subject, nfe: tuple[int, ...]) -> tuple[str, str, list
                 f"step costs {least}); pass nfe values >= {least}"
             )
         try:
-            loaded = sampling.load_for_sampling(
-                str(subject.loaded.path), **{option: {**node, "steps": steps}}
-            )
+            loaded = sampling.load_for_sampling(str(subject.loaded.path), **{option: {**node, key: steps}})
         except GenexpError as err:
             raise GenexpError(
-                f"nfe={list(nfe)}: {n} network evaluations mean {option}.steps={steps}, refused ({err}); "
+                f"nfe={list(nfe)}: {n} network evaluations mean {option}.{key}={steps}, refused ({err}); "
                 "pass smaller nfe values"
             ) from None
         points.append(Point(n, steps, subject._replace(loaded=loaded, model=loaded.model)))

@@ -272,6 +272,18 @@ def test_a_tiny_run_trains_samples_and_reports_test_bpd(tiny_cfg, tmp_path):
     assert load_npz(swapped.npz)[1]["sampler"]["nfe"] == 4 * 2 + 1
     with pytest.raises(GenexpError, match=r"^model\.sampler='DDIMSampler': .*use sampler=langevin"):
         sample(compose_app("sample", [f"ckpt={run}", "n=3", "sampler=ddim"]))
+    # the file tag names the steps per level, so another T does not overwrite the first grid
+    assert swapped.png.name.endswith("_langevin2.png") and swapped.png != drawn.png
+    # the NFE sweep sets steps_per_scale from the model's 4 levels: NFE 4 T + 1 (10 -> T = 2)
+    from genexp.commands.evaluate import evaluate
+
+    fast = ["metrics=[fid]", "eval.num_samples=8", "eval.kid_subset_size=4", "eval.classifier_epochs=1"]
+    fast += ["eval.speed_repeats=1", "eval.speed_batch_size=2", f"out={tmp_path}/e.json"]
+    evaluation, _ = evaluate(compose_app("evaluate", [f"ckpt={run}", "nfe=[5,10]", *fast]))
+    rows = evaluation["nfe_sweep"]["rows"]
+    assert [(r["nfe_requested"], r["steps"], r["nfe"]) for r in rows] == [(5, 1, 5), (10, 2, 9)]
+    with pytest.raises(GenexpError, match=r"cannot take one step within 4 network evaluations .* >= 5"):
+        evaluate(compose_app("evaluate", [f"ckpt={run}", "nfe=[4]", *fast]))
 
 
 @pytest.mark.parametrize(
@@ -303,7 +315,9 @@ def test_langevin_on_a_noise_schedule_model_fails_in_one_line(tiny_cfg):
     from genexp.build import build_model
     from genexp.errors import GenexpError
 
-    with pytest.raises(
-        GenexpError, match=r"^model\.sampler\._target_='genexp\.diffusion\.langevin\.LangevinSampler': "
-    ):
+    with pytest.raises(GenexpError) as err:
         build_model(tiny_cfg("sampler=langevin", model="ddpm"))
+    assert str(err.value).startswith(
+        "model.sampler._target_='genexp.diffusion.langevin.LangevinSampler': annealed Langevin samples a "
+        "noise-conditional score model"
+    ) and "\n" not in str(err.value)

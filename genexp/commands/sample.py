@@ -43,7 +43,7 @@ def file_tag(seed: int, n: int, kwargs: dict, sampler: dict | None, chosen: bool
     if "truncation" in kwargs:
         tag += f"_trunc{kwargs['truncation']:g}"
     if chosen and sampler:
-        steps = sampler.get("steps")
+        steps = sampler.get("steps") or sampler.get("steps_per_scale")  # Langevin: T per sigma level
         tag += f"_{sampler['name'].lower().removesuffix('sampler').removesuffix('solver')}"
         tag += f"{steps}" if steps else (f"_rtol{sampler['rtol']:g}" if "rtol" in sampler else "")
     return tag
