@@ -186,6 +186,19 @@ NAMED = [
         "lr_scheduler.warmup_steps=-5: must be >= 0",
     ),
     ("one-timestep", "ddpm", ["schedule.timesteps=1"], "schedule.timesteps=1: must be >= 2"),
+    # the callbacks group is not in GROUPS' fuzz: its grid sizes get named cases
+    (
+        "negative-grid",
+        "vae",
+        ["callbacks.sample_grid.num_samples=-5"],
+        "callbacks.sample_grid.num_samples=-5: must be >= 1",
+    ),
+    (
+        "negative-grid-period",
+        "vae",
+        ["callbacks.sample_grid.every_n_epochs=-1"],
+        "callbacks.sample_grid.every_n_epochs=-1: must be >= ",
+    ),
     ("schedule-argument", "ddpm", ["schedule.betas.beta_end=-5"], "schedule.betas.beta_end=-5: must be > 0"),
     (
         "schedule-as-a-value",
