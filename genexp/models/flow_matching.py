@@ -12,23 +12,20 @@ of the ODE's flow (the probability-flow change of variables, Hutchinson's trace 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from genexp.diffusion.coupling import COUPLINGS
-from genexp.diffusion.ode_likelihood import bits_per_dim, dequantize, ode_log_likelihood
+from genexp.diffusion.ode_likelihood import standard_normal_log_prob
 from genexp.diffusion.ode_solvers import Field, ODEResult
 from genexp.diffusion.paths import PATHS, TIME_SAMPLERS
 from genexp.diffusion.samplers import noise_like
 from genexp.errors import ConfigError, check_choice, check_float, check_int
 from genexp.models.base import LossOutput, check_net_fits, upcast
+from genexp.models.ode_bpd import ODEBitsPerDim
 
-BPD_STAGES = ("val", "test")
 
-
-class FlowMatching(nn.Module):
+class FlowMatching(ODEBitsPerDim, nn.Module):
     """Args:
     net: the velocity network, ``(B, C, H, W), (B,) -> (B, C, H, W)`` (a UNet from ``net/``).
     solver: ``(field, x0, t0, t1) -> ODEResult`` (``solver/`` group): how ``sample`` integrates.
@@ -78,10 +75,7 @@ class FlowMatching(nn.Module):
                 "solver", solver, "must be a config node with a _target_ (solver=euler|heun|...)"
             )
         self.solver = solver
-        self.bpd_steps = check_int("bpd_steps", bpd_steps, minimum=1)
-        self.bpd_probes = check_int("bpd_probes", bpd_probes, minimum=1)
-        self.bpd_images = None if bpd_images is None else check_int("bpd_images", bpd_images, minimum=1)
-        self.bpd_stages = tuple(check_choice("bpd_stages", s, BPD_STAGES) for s in bpd_stages)
+        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages)
         self.net = net
         check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (a dopri5 solve varies per batch)
@@ -129,28 +123,10 @@ class FlowMatching(nn.Module):
         self.nfe_log.append(result.nfe)
         return ((result.x + 1) / 2).clamp(0.0, 1.0)
 
-    def nll_bpd(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Bits/dim of the 8-bit images x in [0, 1] through the ODE, per image: (B,) (an estimate:
-        Hutchinson's trace; an upper bound on the discrete data's in expectation)."""
-        return self.ode_bpd(x, generator)[0]
+    def bpd_field(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The likelihood ODE's field: the velocity itself (noise at t = 0, data at t = 1)."""
+        return self.velocity(x, u)
 
-    def nll_bpd_with_error(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bits/dim, Hutchinson's standard error), both (B,): :meth:`ode_bpd`."""
-        return self.ode_bpd(x, generator)
-
-    def ode_bpd(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bits/dim, Hutchinson's standard error of it), both (B,): the instantaneous change of
-        variables (Chen et al. 2018) from the uniformly dequantised images on [-1, 1) back to
-        N(0, I) at t = 0, by RK4 (:func:`genexp.diffusion.ode_likelihood.ode_log_likelihood`)."""
-        # the divergence needs autograd: leave Lightning's inference mode for the val/test stages
-        with torch.inference_mode(False), torch.no_grad():
-            y = dequantize(x.clone(), generator=generator)  # (B, C, H, W) in [-1, 1)
-            out = ode_log_likelihood(
-                self.velocity, y, steps=self.bpd_steps, probes=self.bpd_probes, generator=generator
-            )
-        num_dims = x[0].numel()
-        return bits_per_dim(out.log_prob, num_dims), out.std_err / (num_dims * math.log(2.0))
+    def bpd_prior(self, x0: torch.Tensor) -> torch.Tensor:
+        """log N(x0; 0, I) in nats per item: the noise end."""
+        return standard_normal_log_prob(x0)

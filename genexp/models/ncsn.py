@@ -45,12 +45,10 @@ import torch
 from torch import nn
 
 from genexp.diffusion.langevin import LangevinSampler, SigmaLadder
-from genexp.diffusion.ode_likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from genexp.diffusion.samplers import noise_like
-from genexp.errors import ConfigError, check_choice, check_float, check_int
+from genexp.errors import ConfigError, check_float, check_int
 from genexp.models.base import LossOutput, check_net_fits, upcast
-
-BPD_STAGES = ("val", "test")
+from genexp.models.ode_bpd import ODEBitsPerDim
 
 
 def langevin_sampler(sampler: Callable, ladder: SigmaLadder) -> LangevinSampler:
@@ -71,7 +69,7 @@ def langevin_sampler(sampler: Callable, ladder: SigmaLadder) -> LangevinSampler:
         raise ConfigError(f"sampler.{err.key}", err.value, err.message) from None
 
 
-class NCSN(nn.Module):
+class NCSN(ODEBitsPerDim, nn.Module):
     """Args:
     net: ``(B, C, H, W), (B,) -> (B, C, H, W)`` (a UNet from ``net/``); s_θ(x, σ) = net(x, c(σ)) / σ.
     sampler: ``ladder -> LangevinSampler`` (``sampler=langevin``, ``_partial_``): how ``sample`` runs.
@@ -107,10 +105,7 @@ class NCSN(nn.Module):
         self.ladder = SigmaLadder(sigma_min, sigma_max, num_scales)
         self.time_scale = check_float("time_scale", time_scale, positive=True, maximum=1e6)
         self.sampler = langevin_sampler(sampler, self.ladder)
-        self.bpd_steps = check_int("bpd_steps", bpd_steps, minimum=1)
-        self.bpd_probes = check_int("bpd_probes", bpd_probes, minimum=1)
-        self.bpd_images = None if bpd_images is None else check_int("bpd_images", bpd_images, minimum=1)
-        self.bpd_stages = tuple(check_choice("bpd_stages", s, BPD_STAGES) for s in bpd_stages)
+        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages)
         self.net = net
         check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (what genexp sample reports)
@@ -176,32 +171,10 @@ class NCSN(nn.Module):
         var = self.ladder.sigma_max**2
         return -0.5 * (x.pow(2) / var + math.log(2 * math.pi * var)).flatten(1).sum(1)
 
-    def nll_bpd(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Bits/dim of the 8-bit images x in [0, 1] through the ODE, per image: (B,)."""
-        return self.ode_bpd(x, generator)[0]
+    def bpd_field(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The likelihood ODE's field: :meth:`velocity` (prior at u = 0, data at u = 1)."""
+        return self.velocity(x, u)
 
-    def nll_bpd_with_error(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bits/dim, Hutchinson's standard error), both (B,): :meth:`ode_bpd`."""
-        return self.ode_bpd(x, generator)
-
-    def ode_bpd(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bits/dim, Hutchinson's standard error of it), both (B,): the instantaneous change of
-        variables from the uniformly dequantised images on [−1, 1) back to N(0, σ_max² I), by RK4
-        (:func:`genexp.diffusion.ode_likelihood.ode_log_likelihood`)."""
-        # the divergence needs autograd: leave Lightning's inference mode for the val/test stages
-        with torch.inference_mode(False), torch.no_grad():
-            y = dequantize(x.clone(), generator=generator)  # (B, C, H, W) in [-1, 1)
-            out = ode_log_likelihood(
-                self.velocity,
-                y,
-                self.prior_log_prob,
-                steps=self.bpd_steps,
-                probes=self.bpd_probes,
-                generator=generator,
-            )
-        num_dims = x[0].numel()
-        return bits_per_dim(out.log_prob, num_dims), out.std_err / (num_dims * math.log(2.0))
+    def bpd_prior(self, x0: torch.Tensor) -> torch.Tensor:
+        """:meth:`prior_log_prob`, N(0, σ_max² I): the noise end."""
+        return self.prior_log_prob(x0)

@@ -20,20 +20,18 @@ with the ``solver/`` group, which also gives the exact likelihood (``nll_bpd``, 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from genexp.diffusion.ode_likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from genexp.diffusion.ode_solvers import ODEResult
 from genexp.diffusion.pc import ContinuousTime, PCSampler
 from genexp.diffusion.sde import SDE, per_row
 from genexp.errors import ConfigError, check_choice, check_float, check_int
 from genexp.models.base import LossOutput, check_net_fits, upcast
+from genexp.models.ode_bpd import ODEBitsPerDim
 
-BPD_STAGES = ("val", "test")
 SAMPLE_WITH = ("sde", "ode")
 
 
@@ -47,7 +45,7 @@ def _pc_only(sampler: Callable) -> None:
         )
 
 
-class ScoreSDE(nn.Module):
+class ScoreSDE(ODEBitsPerDim, nn.Module):
     """Args:
     net: the noise predictor ε_θ, ``(B, C, H, W), (B,) -> (B, C, H, W)`` (a UNet from ``net/``).
     sde: the forward SDE (``sde/`` group): VE, VP or sub-VP.
@@ -97,10 +95,7 @@ class ScoreSDE(nn.Module):
             self.sampler = sampler(ContinuousTime(sde, self.eps))
         except ConfigError as err:
             raise ConfigError(f"sampler.{err.key}", err.value, err.message) from None
-        self.bpd_steps = check_int("bpd_steps", bpd_steps, minimum=1)
-        self.bpd_probes = check_int("bpd_probes", bpd_probes, minimum=1)
-        self.bpd_images = None if bpd_images is None else check_int("bpd_images", bpd_images, minimum=1)
-        self.bpd_stages = tuple(check_choice("bpd_stages", s, BPD_STAGES) for s in bpd_stages)
+        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages)
         self.net = net
         check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (PC: steps (1 + corrector_steps))
@@ -165,33 +160,12 @@ class ScoreSDE(nn.Module):
         self.nfe_log.append(nfe)
         return ((x + 1) / 2).clamp(0.0, 1.0)
 
-    def nll_bpd(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Bits/dim of the 8-bit images x in [0, 1] through the ODE, per image: (B,)."""
-        return self.ode_bpd(x, generator)[0]
+    def bpd_field(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The likelihood ODE's field: the probability flow (Song et al. 2021, section 4.3 and
+        appendix D.2) from the SDE's prior at t = 1 (u = 0) to t = ε (u = 1); the density is that of
+        x(ε), the data convolved with N(0, σ_ε²) (σ_ε ≈ 0.01 for VP's ε = 1e-3)."""
+        return self.ode_velocity(x, u)
 
-    def nll_bpd_with_error(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bits/dim, Hutchinson's standard error), both (B,): :meth:`ode_bpd`."""
-        return self.ode_bpd(x, generator)
-
-    def ode_bpd(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bits/dim, Hutchinson's standard error of it), both (B,): the probability-flow ODE's
-        change of variables (Song et al. 2021, section 4.3 and appendix D.2) from the uniformly
-        dequantised images on [−1, 1) at t = ε back to the SDE's prior at t = 1, by RK4
-        (:func:`genexp.diffusion.ode_likelihood.ode_log_likelihood`). It is the density of x(ε),
-        the data convolved with N(0, σ_ε²) (σ_ε ≈ 0.01 for VP's ε = 1e-3)."""
-        with torch.inference_mode(False), torch.no_grad():
-            y = dequantize(x.clone(), generator=generator)  # (B, C, H, W) in [-1, 1)
-            out = ode_log_likelihood(
-                self.ode_velocity,
-                y,
-                self.sde.prior_log_prob,
-                steps=self.bpd_steps,
-                probes=self.bpd_probes,
-                generator=generator,
-            )
-        num_dims = x[0].numel()
-        return bits_per_dim(out.log_prob, num_dims), out.std_err / (num_dims * math.log(2.0))
+    def bpd_prior(self, x0: torch.Tensor) -> torch.Tensor:
+        """The SDE's prior log-density at t = 1."""
+        return self.sde.prior_log_prob(x0)

@@ -1,0 +1,77 @@
+"""Bits/dim through a probability-flow ODE: what flow matching and the score models share.
+
+A family whose likelihood is the exact likelihood of an ODE flow (the instantaneous change of
+variables, Chen et al. 2018; Hutchinson's trace, FFJORD) inherits :class:`ODEBitsPerDim` and gives
+two things: ``bpd_field(x, u)``, dx/du from the noise end (u = 0) to the data end (u = 1) in
+[-1, 1] image coordinates, and ``bpd_prior(x0)``, the log-density (nats per item) at the noise end.
+The settings (``bpd_steps``, ``bpd_probes``, ``bpd_images``, ``bpd_stages``) are checked once here,
+and the glue reads ``bpd_images``/``bpd_stages`` as for every family.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from genexp.diffusion.ode_likelihood import bits_per_dim, dequantize, ode_log_likelihood
+from genexp.errors import check_choice, check_int
+
+BPD_STAGES = ("val", "test")
+
+
+class ODEBitsPerDim:
+    """``nll_bpd``, ``nll_bpd_with_error`` and ``ode_bpd`` of an ODE flow (mix into an nn.Module)."""
+
+    bpd_steps: int
+    bpd_probes: int
+    bpd_images: int | None
+    bpd_stages: tuple[str, ...]
+
+    def set_bpd(self, steps: int, probes: int, images: int | None, stages) -> None:
+        """Args (the model's ``bpd_*`` keys): RK4 steps of the likelihood ODE (4 network and
+        backward passes each, on ``probes`` copies of the batch); Hutchinson's Rademacher probes per
+        image (2 or more give a standard error); at most ``images`` images per val/test epoch (None:
+        all); the stages that compute it."""
+        self.bpd_steps = check_int("bpd_steps", steps, minimum=1)
+        self.bpd_probes = check_int("bpd_probes", probes, minimum=1)
+        self.bpd_images = None if images is None else check_int("bpd_images", images, minimum=1)
+        self.bpd_stages = tuple(check_choice("bpd_stages", s, BPD_STAGES) for s in stages)
+
+    def bpd_field(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bpd_prior(self, x0: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nll_bpd(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bits/dim of the 8-bit images x in [0, 1] through the ODE, per image: (B,) (an estimate by
+        Hutchinson's trace; in expectation an upper bound on the discrete data's)."""
+        return self.ode_bpd(x, generator)[0]
+
+    def nll_bpd_with_error(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bits/dim, Hutchinson's standard error), both (B,): :meth:`ode_bpd`."""
+        return self.ode_bpd(x, generator)
+
+    def ode_bpd(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bits/dim, Hutchinson's standard error of it), both (B,): the change of variables from the
+        uniformly dequantised images on [-1, 1) back to the prior, by RK4
+        (:func:`genexp.diffusion.ode_likelihood.ode_log_likelihood`)."""
+        # the divergence needs autograd: leave Lightning's inference mode for the val/test stages
+        with torch.inference_mode(False), torch.no_grad():
+            y = dequantize(x.clone(), generator=generator)  # (B, C, H, W) in [-1, 1)
+            out = ode_log_likelihood(
+                self.bpd_field,
+                y,
+                self.bpd_prior,
+                steps=self.bpd_steps,
+                probes=self.bpd_probes,
+                generator=generator,
+            )
+        num_dims = x[0].numel()
+        # bits/dim is affine in log p: its standard error is log p's over D ln 2
+        return bits_per_dim(out.log_prob, num_dims), out.std_err / (num_dims * math.log(2.0))
