@@ -109,20 +109,23 @@ class GaussianDiffusion(nn.Module):
 
         x0 must lie on the 8-bit grid in [−1, 1] (the decoder L_0 is a discretised Gaussian, Ho et
         al. 2020 §3.3). With ``num_timesteps`` K < T, L_0 and L_T are exact and the sum of the
-        T−1 KL terms is estimated from K−1 evenly spaced timesteps scaled by (T−1)/(K−1): K = T is
-        the exact bound (what DDPM reports), a smaller K trades variance for speed.
+        T−1 KL terms is estimated by stratified sampling: {1..T−1} is cut into K−1 contiguous
+        blocks, each item draws one timestep uniformly in each block, and a block's term counts
+        as many times as the block has timesteps. That is unbiased (E[n_j L_{t_j}] = Σ_{t in block j}
+        L_t); an evenly spaced grid is not, since the KL terms peak at t = 1 and the grid's first
+        point would stand for a whole block of much smaller ones. K = T is the exact bound (what
+        DDPM reports); a smaller K trades variance for speed.
         """
         T = self.timesteps
         k = T if num_timesteps is None else min(check_int("bpd_timesteps", num_timesteps, minimum=2), T)
-        kl_steps = torch.linspace(1, T - 1, k - 1).round().long().unique().tolist()
-        weight = (T - 1) / len(kl_steps)
+        edges = torch.linspace(1, T, k).round().long().unique().tolist()  # block j: [e_j, e_{j+1})
         total = prior_bpd(self.schedule, x0)
-        for step in [0, *kl_steps]:
-            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+        blocks = [(0, 1)] + list(zip(edges[:-1], edges[1:]))  # L_0 first: one timestep, exact
+        for start, stop in blocks:
+            t = torch.randint(start, stop, (x0.shape[0],), device=x0.device)  # (B,) one per item
             x_t = self.schedule.q_sample(x0, t, torch.randn_like(x0))
             mean, _, log_var, _ = p_mean_variance(
                 self.schedule, self.predict_eps(x_t, t), x_t, t, variance=variance, clip_denoised=True
             )
-            term = vb_term_bpd(self.schedule, x0, x_t, t, mean, log_var)
-            total = total + (term if step == 0 else weight * term)
+            total = total + (stop - start) * vb_term_bpd(self.schedule, x0, x_t, t, mean, log_var)
         return total
