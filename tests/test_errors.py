@@ -592,7 +592,7 @@ CLI_CASES = [
         "unknown-option",
         ["model=gan_typo"],
         "genexp: error: Could not find 'model/gan_typo'; model options: ae, ddpm, flow_matching, gan, glow, ldm, "
-        "pixel_transformer, pixelcnn, realnvp, vae",
+        "ncsn, pixel_transformer, pixelcnn, realnvp, score_sde, vae",
     ),
     (
         "unknown-experiment",
