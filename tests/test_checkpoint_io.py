@@ -116,15 +116,16 @@ def test_non_finite_weights_are_never_written(tmp_path):
     assert torch.load(path, weights_only=True)["version"] == 1
 
 
-def _writer(path: Path) -> None:
+def _writer(path: Path, ready: int) -> None:
     """Child process: write checkpoints 1, 2, 3, ... with no pause in between, each write paused
-    half-way (fault injection), until killed."""
+    half-way (fault injection), until killed; a byte on ``ready`` once the loop starts."""
     # a forked child must not enter the parent's OpenMP pool (it would deadlock once the parent has
     # used it, as earlier tests in the session do): one thread, inline
     torch.set_num_threads(1)
     genexp_faults.slow_writes(checkpoint_io, 0.03)
     io = AtomicCheckpointIO()
     version = 1
+    os.write(ready, b"1")  # the parent's random delay starts now, not at fork (a loaded machine)
     while True:
         io.save_checkpoint(checkpoint(version, size=50_000), path)
         version += 1
@@ -138,12 +139,16 @@ def sigkill_during_writes(tmp_path: Path, kills: int, seed: int = 0) -> tuple[in
     rng = random.Random(seed)
     inside = 0
     for _ in range(kills):
+        ready, notify = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child never returns into pytest
             try:
-                _writer(path)
+                _writer(path, notify)
             finally:
                 os._exit(0)
+        os.close(notify)
+        os.read(ready, 1)  # the child is writing
+        os.close(ready)
         time.sleep(rng.uniform(0.0, 0.1))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
