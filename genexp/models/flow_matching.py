@@ -36,11 +36,8 @@ class FlowMatching(ODEBitsPerDim, nn.Module):
     time_sampling: training times ``uniform`` or ``logit_normal`` (SD3, Esser et al. 2024).
     time_scale: t in [0, 1] enters the net as t · time_scale, so a UNet's sinusoidal embedding
         (built for DDPM's 0..999 steps) sees the same range of frequencies.
-    bpd_steps: RK4 steps of the likelihood ODE (4 network and backward passes each, on
-        ``bpd_probes`` copies of the batch).
-    bpd_probes: Hutchinson's Rademacher probes per image (2 or more give a standard error).
-    bpd_images: at most this many images per val/test epoch get bits/dim; null: all.
-    bpd_stages: stages that compute it (``[test]`` by default: validation tracks the loss).
+    bpd_steps, bpd_probes, bpd_images, bpd_stages: the ODE likelihood's settings
+        (:meth:`genexp.models.ode_bpd.ODEBitsPerDim.set_bpd`).
     """
 
     def __init__(

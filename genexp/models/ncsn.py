@@ -77,11 +77,8 @@ class NCSN(ODEBitsPerDim, nn.Module):
     sigma_min, sigma_max, num_scales: the geometric ladder σ_1 = σ_max > ... > σ_L = σ_min, L levels.
     time_scale: c(σ) = time_scale · log(σ/σ_min) / log(σ_max/σ_min), the net's time input (999:
         DDPM's step range, which the UNet's sinusoidal embedding is built for).
-    bpd_steps: RK4 steps of the likelihood ODE (4 network and backward passes each, on
-        ``bpd_probes`` copies of the batch).
-    bpd_probes: Hutchinson's Rademacher probes per image (2 or more give a standard error).
-    bpd_images: at most this many images per val/test epoch get bits/dim; null: all.
-    bpd_stages: stages that compute it (``[test]`` by default: validation tracks the loss).
+    bpd_steps, bpd_probes, bpd_images, bpd_stages: the ODE likelihood's settings
+        (:meth:`genexp.models.ode_bpd.ODEBitsPerDim.set_bpd`).
     """
 
     def __init__(

@@ -56,7 +56,8 @@ class ScoreSDE(ODEBitsPerDim, nn.Module):
     eps: the smallest time ε (training draws t ~ U[ε, 1], sampling ends at ε); null: the SDE's
         own (VE 1e-5, VP and sub-VP 1e-3, as Song et al. 2021).
     time_scale: t enters the net's embedding as t · time_scale (999: DDPM's 0..999 steps).
-    bpd_steps, bpd_probes, bpd_images, bpd_stages: the ODE likelihood, as flow matching's.
+    bpd_steps, bpd_probes, bpd_images, bpd_stages: the ODE likelihood's settings
+        (:meth:`genexp.models.ode_bpd.ODEBitsPerDim.set_bpd`).
     """
 
     def __init__(
