@@ -174,7 +174,14 @@ def kill_and_resume(family: str, sig: str, tmp_path: Path, seed: int) -> None:
 # make test kills one family per kind of state with each signal (~12 s each on 2 cores); make test-all
 # (the slow marker) kills every family, and every family with every signal below
 # make test's subset: one optimizer; two (adversarial); EMA + schedule; a flow — together every signal
-FAST_CASES = {"vae": "SIGKILL", "gan": "SIGINT", "ddpm": "SIGTERM", "glow": "SIGUSR1"}
+FAST_CASES = {
+    "vae": "SIGKILL",
+    "gan": "SIGINT",
+    "ddpm": "SIGTERM",
+    "glow": "SIGUSR1",
+    "score_sde": "SIGTERM",  # the SDE time draw and the EMA
+    "ncsn": "SIGKILL",  # the sigma-level draw
+}
 FAST_FAMILIES = tuple(FAST_CASES)
 # the other families (make test-all) take the signals in turn
 DEFAULT_CASES = [(f, FAST_CASES.get(f, SIGNALS[i % len(SIGNALS)])) for i, f in enumerate(FAMILIES)]
