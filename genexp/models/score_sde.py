@@ -164,8 +164,12 @@ class ScoreSDE(ODEBitsPerDim, nn.Module):
     def bpd_field(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The likelihood ODE's field: the probability flow (Song et al. 2021, section 4.3 and
         appendix D.2) from the SDE's prior at t = 1 (u = 0) to t = ε (u = 1); the density is that of
-        x(ε), the data convolved with N(0, σ_ε²) (σ_ε ≈ 0.01 for VP's ε = 1e-3)."""
-        return self.ode_velocity(x, u)
+        x(ε), the data convolved with N(0, σ_ε²) (σ_ε ≈ 0.01 for VP's ε = 1e-3). The time grid is the
+        SDE's :meth:`~genexp.diffusion.sde.SDE.ode_time` (about uniform in log σ_t): dx/du = dx/dt · dt/du."""
+        u = torch.as_tensor(u, dtype=x.dtype, device=x.device)
+        t, dt_du = self.sde.ode_time(u, self.eps)
+        drift = self.sde.ode_drift(x, t, self.score(x, t).to(x.dtype))
+        return per_row(dt_du, x) * drift
 
     def bpd_prior(self, x0: torch.Tensor) -> torch.Tensor:
         """The SDE's prior log-density at t = 1."""
