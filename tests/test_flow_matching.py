@@ -252,6 +252,8 @@ def test_model_refuses_bad_arguments_naming_the_key():
         ({"time_scale": 0}, "time_scale"),
         ({"bpd_steps": 0}, "bpd_steps"),
         ({"bpd_stages": ["train"]}, "bpd_stages"),
+        ({"bpd_solver": "rk5"}, "bpd_solver"),
+        ({"bpd_tol": 0.0}, "bpd_tol"),
     ]:
         with pytest.raises(ConfigError) as err:
             FlowMatching(net, EulerSolver(2), 4, 1, **kwargs)

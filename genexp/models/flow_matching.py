@@ -36,7 +36,7 @@ class FlowMatching(ODEBitsPerDim, nn.Module):
     time_sampling: training times ``uniform`` or ``logit_normal`` (SD3, Esser et al. 2024).
     time_scale: t in [0, 1] enters the net as t · time_scale, so a UNet's sinusoidal embedding
         (built for DDPM's 0..999 steps) sees the same range of frequencies.
-    bpd_steps, bpd_probes, bpd_images, bpd_stages: the ODE likelihood's settings
+    bpd_steps, bpd_probes, bpd_images, bpd_stages, bpd_solver, bpd_tol: the ODE likelihood's settings
         (:meth:`genexp.models.ode_bpd.ODEBitsPerDim.set_bpd`).
     """
 
@@ -55,6 +55,8 @@ class FlowMatching(ODEBitsPerDim, nn.Module):
         bpd_probes: int = 2,
         bpd_images: int | None = 64,
         bpd_stages: tuple[str, ...] = ("test",),
+        bpd_solver: str = "rk4",
+        bpd_tol: float = 1e-5,
     ):
         super().__init__()
         self.image_size = check_int("image_size", image_size, minimum=1)
@@ -72,7 +74,7 @@ class FlowMatching(ODEBitsPerDim, nn.Module):
                 "solver", solver, "must be a config node with a _target_ (solver=euler|heun|...)"
             )
         self.solver = solver
-        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages)
+        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages, bpd_solver, bpd_tol)
         self.net = net
         check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (a dopri5 solve varies per batch)

@@ -77,7 +77,7 @@ class NCSN(ODEBitsPerDim, nn.Module):
     sigma_min, sigma_max, num_scales: the geometric ladder σ_1 = σ_max > ... > σ_L = σ_min, L levels.
     time_scale: c(σ) = time_scale · log(σ/σ_min) / log(σ_max/σ_min), the net's time input (999:
         DDPM's step range, which the UNet's sinusoidal embedding is built for).
-    bpd_steps, bpd_probes, bpd_images, bpd_stages: the ODE likelihood's settings
+    bpd_steps, bpd_probes, bpd_images, bpd_stages, bpd_solver, bpd_tol: the ODE likelihood's settings
         (:meth:`genexp.models.ode_bpd.ODEBitsPerDim.set_bpd`).
     """
 
@@ -95,6 +95,8 @@ class NCSN(ODEBitsPerDim, nn.Module):
         bpd_probes: int = 2,
         bpd_images: int | None = 64,
         bpd_stages: tuple[str, ...] = ("test",),
+        bpd_solver: str = "rk4",
+        bpd_tol: float = 1e-5,
     ):
         super().__init__()
         self.image_size = check_int("image_size", image_size, minimum=1)
@@ -102,7 +104,7 @@ class NCSN(ODEBitsPerDim, nn.Module):
         self.ladder = SigmaLadder(sigma_min, sigma_max, num_scales)
         self.time_scale = check_float("time_scale", time_scale, positive=True, maximum=1e6)
         self.sampler = langevin_sampler(sampler, self.ladder)
-        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages)
+        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages, bpd_solver, bpd_tol)
         self.net = net
         check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (what genexp sample reports)

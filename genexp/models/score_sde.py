@@ -56,7 +56,7 @@ class ScoreSDE(ODEBitsPerDim, nn.Module):
     eps: the smallest time ε (training draws t ~ U[ε, 1], sampling ends at ε); null: the SDE's
         own (VE 1e-5, VP and sub-VP 1e-3, as Song et al. 2021).
     time_scale: t enters the net's embedding as t · time_scale (999: DDPM's 0..999 steps).
-    bpd_steps, bpd_probes, bpd_images, bpd_stages: the ODE likelihood's settings
+    bpd_steps, bpd_probes, bpd_images, bpd_stages, bpd_solver, bpd_tol: the ODE likelihood's settings
         (:meth:`genexp.models.ode_bpd.ODEBitsPerDim.set_bpd`).
     """
 
@@ -75,6 +75,8 @@ class ScoreSDE(ODEBitsPerDim, nn.Module):
         bpd_probes: int = 2,
         bpd_images: int | None = 64,
         bpd_stages: tuple[str, ...] = ("test",),
+        bpd_solver: str = "rk4",
+        bpd_tol: float = 1e-5,
     ):
         super().__init__()
         self.image_size = check_int("image_size", image_size, minimum=1)
@@ -96,7 +98,7 @@ class ScoreSDE(ODEBitsPerDim, nn.Module):
             self.sampler = sampler(ContinuousTime(sde, self.eps))
         except ConfigError as err:
             raise ConfigError(f"sampler.{err.key}", err.value, err.message) from None
-        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages)
+        self.set_bpd(bpd_steps, bpd_probes, bpd_images, bpd_stages, bpd_solver, bpd_tol)
         self.net = net
         check_net_fits(net, self.channels, self.image_size)
         self.nfe_log: list[int] = []  # NFE of each sample() call (PC: steps (1 + corrector_steps))
