@@ -8,15 +8,18 @@ training step, so warm-up steps can be left out and the wait for data measured.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
 import logging
 import os
 import platform
+import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -221,16 +224,27 @@ def trim_malloc() -> None:
             pass
 
 
-def train_timed(cfg, stop: tuple[int, int, float] | None = None) -> tuple[StepTimes, dict]:
-    """``genexp.commands.train.train(cfg)`` with a :class:`StepTimes` (``stop``: its early stop) in place of
-    ``Throughput``."""
+@contextlib.contextmanager
+def step_timers(
+    stop: tuple[int, int, float] | None = None, timer: type[StepTimes] = StepTimes
+) -> Iterator[list[StepTimes]]:
+    """Inside the block every training run ``genexp.commands.train`` builds (``train(cfg)``, or the CLI's
+    ``genexp train`` run in this process) times its steps with a ``timer(stop)`` in place of
+    ``Throughput``; yields the list of them, one per run (a two-stage run: the first stage's first)."""
     seen: list[StepTimes] = []
 
     def make() -> StepTimes:
-        seen.append(StepTimes(stop))
+        seen.append(timer(stop))
         return seen[-1]
 
     with mock.patch.object(genexp.commands.train, "Throughput", make):
+        yield seen
+
+
+def train_timed(cfg, stop: tuple[int, int, float] | None = None) -> tuple[StepTimes, dict]:
+    """``genexp.commands.train.train(cfg)`` with a :class:`StepTimes` (``stop``: its early stop) in place of
+    ``Throughput``."""
+    with step_timers(stop) as seen:
         metrics = genexp.commands.train.train(cfg)
     return seen[0], metrics
 
@@ -261,6 +275,16 @@ def _cell(value, fmt: str | None = None) -> str:
             return fmt.format(value)
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value)
+
+
+def error_line(output: str, returncode: int | None = None) -> str:
+    """The one line that says why a worker process failed: genexp's own (``genexp: error: ...``, or how
+    a signal stopped it), else a traceback's last line, else the last line written (300 characters)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("genexp: ")]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*", line)]
+    found = ours or raised or lines
+    return (found[-1] if found else f"exit code {returncode}")[:300]
 
 
 def write_json(path: str | os.PathLike | None, payload: dict, say: bool = True) -> None:
