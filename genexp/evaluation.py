@@ -263,7 +263,7 @@ def fidelity_results(subject: Subject, settings: EvalSettings, extractor, info) 
     extractor, info = extractor_for(subject, settings, extractor, info)
     generator = torch.Generator(device=subject.device).manual_seed(settings.seed)
     fake = sample_uint8(
-        subject.model, settings.num_samples, settings.batch_size, generator, progress=True, **subject.kwargs
+        subject.model, settings.num_samples, settings.batch_size, generator, **subject.kwargs
     )
     fidelity = evaluate_fidelity(
         subject.real,

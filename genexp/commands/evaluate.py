@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from genexp import layout, nfe_sweep
+from genexp import layout, nfe_sweep, progress
 from genexp.errors import GenexpError
 from genexp.evaluation import evaluate_checkpoint, evaluation_file, measure, settings_from_config
 
@@ -25,7 +25,8 @@ def run(cfg: DictConfig) -> tuple[dict, Path]:
     nfe = nfe_sweep.check_nfe(cfg.get("nfe"))  # before any work, like the settings
     out = cfg.get("out")
     settings, measured_by = nfe_sweep.for_sweep(settings, nfe) if nfe else (settings, measure)
-    evaluation = evaluate_checkpoint(str(cfg.ckpt), settings, out, measured_by)
+    with progress.reporting(progress.auto()):
+        evaluation = evaluate_checkpoint(str(cfg.ckpt), settings, out, measured_by)
     path = evaluation_file(out) or Path(evaluation["provenance"]["run_dir"]) / layout.EVALUATION_JSON
     return evaluation, path
 

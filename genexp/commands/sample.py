@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genexp import atomic, layout
+from genexp import atomic, layout, progress
 from genexp.checkpoints import describe
 from genexp.checks import check_count, check_seed, writable_folder, write_failed
 from genexp.errors import GenexpError
@@ -117,7 +117,8 @@ def run(cfg: DictConfig) -> SampleResult:
 
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    drawn = sample_uint8(model, n, batch_size, generator, progress=True, **kwargs)
+    with progress.reporting(progress.auto()):
+        drawn = sample_uint8(model, n, batch_size, generator, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -23,11 +23,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from genexp import atomic, layout
+from genexp import atomic, layout, progress
 from genexp.build import Run, build_run, is_wandb
 from genexp.checkpoints import check_weights_fit, read
 from genexp.errors import GenexpError
-from genexp.lit.callbacks import EpochSummary, Throughput
+from genexp.lit.callbacks import EpochSummary, Throughput, WaitProgress
 from genexp.lit.loggers import finish_wandb
 from genexp.lit.preemption import Preempted
 from genexp.resume import requeue_checkpoint, resolve_checkpoint
@@ -51,7 +51,8 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
     check_callback_dirs(cfg)
-    with run_lock(output_dir) if launched_rank() == 0 else contextlib.nullcontext():
+    lock = run_lock(output_dir) if launched_rank() == 0 else contextlib.nullcontext()
+    with lock, progress.reporting(progress.auto(launched_rank() == 0)):
         resumed = resume_point(cfg, output_dir)
         if cfg.get("first_stage_train"):
             train_first_stage(cfg, run)
@@ -98,7 +99,9 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, resumed: Resumed | None, sta
     """Build the run, fit it (from ``resumed``), test its best weights and write the results."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     throughput = Throughput()
-    built = build_run(cfg, output_dir, resumed.wandb_id if resumed else None, [throughput, EpochSummary()])
+    built = build_run(
+        cfg, output_dir, resumed.wandb_id if resumed else None, [throughput, EpochSummary(), WaitProgress()]
+    )
     if resumed is not None:
         check_weights_fit(built.module, resumed.state_dict, resumed.path)
         resumed = resumed._replace(state_dict={})  # Lightning loads its own copy in fit

@@ -27,6 +27,7 @@ from genexp.checks import check_bool
 from genexp.diffusion.noise_schedule import NoiseSchedule
 from genexp.diffusion.samplers import Sampler
 from genexp.errors import ConfigError, check_choice, check_float, check_int
+from genexp.progress import track
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SPACINGS = ("logsnr", "time")
@@ -122,7 +123,7 @@ class DPMSolverPPSampler(Sampler):
         lam = half_log_snr(s)
         x, prev, h_prev = x_T, None, None  # prev: (x0_hat, t) of the step before
         ts = self.timesteps.tolist()
-        for i, t in enumerate(ts):
+        for i, t in enumerate(track(ts, f"{type(self).__name__} steps")):
             t_batch = _batch(t, x, torch.long)
             x0 = s.predict_x0_from_eps(x, t_batch, eps_fn(x, t_batch))
             if self.clip_denoised:
@@ -231,7 +232,7 @@ class HeunSampler:
         """The sample from x_T (B, ...) at timestep T - 1; deterministic (``generator`` unused)."""
         sigmas = self.sigmas()
         x = x_T * torch.sqrt(1.0 + sigmas[0] ** 2).to(x_T.dtype)  # x_T / alpha_{T-1}
-        for i in range(self.steps):
+        for i in track(range(self.steps), f"{type(self).__name__} steps"):
             sigma, nxt = sigmas[i], sigmas[i + 1]
             d = (x - self.denoise(eps_fn, x, sigma)) / sigma.to(x.dtype)
             x_next = x + (nxt - sigma).to(x.dtype) * d

@@ -19,6 +19,7 @@ from genexp.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES, check_objec
 from genexp.diffusion.samplers import sample_loop
 from genexp.errors import ConfigError, check_choice, check_float, check_int
 from genexp.models.base import upcast
+from genexp.progress import track
 
 
 class GaussianDiffusion(nn.Module):
@@ -121,7 +122,7 @@ class GaussianDiffusion(nn.Module):
         edges = torch.linspace(1, T, k).round().long().unique().tolist()  # block j: [e_j, e_{j+1})
         total = prior_bpd(self.schedule, x0)
         blocks = [(0, 1)] + list(zip(edges[:-1], edges[1:]))  # L_0 first: one timestep, exact
-        for start, stop in blocks:
+        for start, stop in track(blocks, "bits/dim bound timesteps"):
             t = torch.randint(start, stop, (x0.shape[0],), device=x0.device)  # (B,) one per item
             x_t = self.schedule.q_sample(x0, t, torch.randn_like(x0))
             mean, _, log_var, _ = p_mean_variance(

@@ -30,6 +30,7 @@ from torch import nn
 from genexp.checks import check_bool
 from genexp.diffusion.samplers import noise_like
 from genexp.errors import ConfigError, check_float, check_int
+from genexp.progress import track
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -132,7 +133,8 @@ class LangevinSampler:
     def sample(self, score: Score, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Run Algorithm 1 from x (B, ...) (drawn from the prior by the caller) with ``score(x, σ)``."""
         sigmas, alphas = self.ladder.sigmas, self.step_sizes()
-        for sigma, alpha in zip(sigmas.tolist(), alphas.tolist()):  # Python floats: no device syncs
+        levels = list(zip(sigmas.tolist(), alphas.tolist()))  # Python floats: no device syncs
+        for sigma, alpha in track(levels, "Langevin noise levels"):
             sigma_batch = x.new_full((x.shape[0],), sigma, dtype=sigmas.dtype)
             for _ in range(self.steps_per_scale):
                 s = score(x, sigma_batch).to(x.dtype)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from genexp.errors import check_choice, check_float, check_int
+from genexp.progress import track
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -88,7 +89,7 @@ def _fixed_step(field, state, steps: int, solver: str, like: torch.Tensor):
     def add(s, k, c):
         return tuple(a + c * b for a, b in zip(s, k))
 
-    for i in range(steps):
+    for i in track(range(steps), f"likelihood ODE ({solver}) steps"):
         t = like.new_tensor(1.0 + i * h)
         k1 = field(t, state)
         if solver == "euler":

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from genexp.errors import check_float, check_int
+from genexp.progress import track
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,7 +60,7 @@ class FixedStepSolver:
 
     def __call__(self, field: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0) -> ODEResult:
         v, h = _Counted(field), (t1 - t0) / self.steps
-        for i in range(self.steps):
+        for i in track(range(self.steps), f"{type(self).__name__} steps"):
             x = self.step(v, x, t0 + i * h, h)
         return ODEResult(x, v.calls)
 

@@ -39,6 +39,7 @@ from genexp.diffusion.noise_schedule import NoiseSchedule
 from genexp.diffusion.samplers import noise_like
 from genexp.diffusion.sde import SDE, per_row
 from genexp.errors import ConfigError, check_choice, check_float, check_int
+from genexp.progress import track
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTORS = ("euler_maruyama", "reverse_diffusion")
@@ -211,7 +212,8 @@ class PCSampler:
         """The sample from x_T (B, ...) drawn from the prior, with ``eps_fn(x, t_batch) -> eps-hat``."""
         x = x_T
         last = len(self.grid) - 2
-        for i, (t, t_next) in enumerate(zip(self.grid[:-1], self.grid[1:])):
+        pairs = list(zip(self.grid[:-1], self.grid[1:]))
+        for i, (t, t_next) in enumerate(track(pairs, "PC steps")):
             t_batch, next_batch = self.process.times(t, x), self.process.times(t_next, x)
             alpha = self.process.langevin_alpha(t_batch, next_batch).to(device=x.device, dtype=x.dtype)
             x = self._langevin(eps_fn, x, t_batch, alpha, generator)

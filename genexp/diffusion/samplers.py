@@ -19,6 +19,7 @@ from genexp.checks import check_bool
 from genexp.diffusion.likelihood import VARIANCES, p_mean_variance
 from genexp.diffusion.noise_schedule import NoiseSchedule
 from genexp.errors import ConfigError, check_choice, check_float, check_int
+from genexp.progress import track
 
 
 def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -166,7 +167,7 @@ def sample_loop(
     if callable(own_loop):
         return own_loop(eps_fn, x_T, generator)
     x = x_T
-    for t in sampler.timesteps.tolist():
+    for t in track(sampler.timesteps.tolist(), f"{type(sampler).__name__} steps"):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x = sampler.step(eps_fn(x, t_batch), t, x, generator)
     return x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -13,7 +14,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from genexp import atomic
+from genexp import atomic, progress
 from genexp.errors import check_float, check_int
 from genexp.models.base import Autoencoding, Reconstructing
 
@@ -121,7 +122,7 @@ class SampleGrid(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), progress.task(f"sample grid ({tag})", 1):
                 self._samples(trainer, model, pl_module.device, tag)
                 datamodule = trainer.datamodule
                 if isinstance(model, Reconstructing) and datamodule is not None:
@@ -214,6 +215,32 @@ class Throughput(pl.Callback):
     @property
     def img_per_sec(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+class WaitProgress(pl.Callback):
+    """The test epoch as a :func:`genexp.progress.task` (batches), so the waits inside it (a
+    likelihood bound, an ODE) report their place in the whole: log lines with percent and ETA when
+    the output is not a terminal (where Lightning draws no bar)."""
+
+    def __init__(self):
+        self._tasks = contextlib.ExitStack()
+        self._task: progress.Task | None = None
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        total = sum(n for n in trainer.num_test_batches if n != float("inf"))
+        self._task = self._tasks.enter_context(progress.task("test batches", int(total) or None))
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._task is not None:
+            self._task.advance()
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._tasks.close()
+        self._task = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._tasks.close()
+        self._task = None
 
 
 class EpochSummary(pl.Callback):

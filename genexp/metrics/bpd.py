@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from genexp.models.base import EstimatedLikelihood
+from genexp.progress import track
 
 
 def nats_to_bpd(nll_nats: torch.Tensor, num_dims: int) -> torch.Tensor:
@@ -42,7 +43,7 @@ def mean_bpd_with_error(
     # families that draw their noise from the global generator (VAE's z, DDPM's t) get it seeded too
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for part in images.split(batch_size):
+        for part in track(images.split(batch_size), f"bits/dim of {len(images)} images, batch"):
             x = part.to(device).float().div_(255.0)
             std_err = None
             if estimated:

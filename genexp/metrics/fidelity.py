@@ -29,6 +29,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from genexp.errors import GenexpError
 from genexp.metrics.features import FeatureExtractor, content_hash, save_atomic
+from genexp.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def extract_features(
     images: torch.Tensor, extractor: FeatureExtractor, batch_size: int = 256
 ) -> torch.Tensor:
     """Images (N, C, H, W), float [0, 1] or uint8, -> features (N, F) float32 on the CPU, in batches."""
-    out = [extractor(batch.to(extractor.device)).float().cpu() for batch in images.split(batch_size)]
+    batches = track(images.split(batch_size), f"features of {len(images)} images, batch")
+    out = [extractor(batch.to(extractor.device)).float().cpu() for batch in batches]
     return torch.cat(out) if out else torch.empty(0, extractor.num_features)
 
 

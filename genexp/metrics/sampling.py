@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from genexp.progress import track
+
 
 class Samples(NamedTuple):
     images: torch.Tensor  # (N, C, H, W) uint8 on the CPU: k = round(255 x)
@@ -23,7 +25,6 @@ def sample_uint8(
     n: int,
     batch_size: int,
     generator: torch.Generator | None = None,
-    progress: bool = False,
     **kwargs,
 ) -> Samples:
     """Draw ``n`` samples in batches as 8-bit images, the data's own quantisation.
@@ -31,14 +32,11 @@ def sample_uint8(
     Args:
         model: a family in eval mode (``sample(n, generator, **kwargs)`` in [0, 1]).
         generator: one generator for all batches, so a seed fixes the whole set (for a given batch size).
-        progress: a tqdm bar on stderr (only drawn in a terminal).
         kwargs: extra arguments of the family's ``sample`` (``temperature``, ``truncation``).
     """
-    from tqdm.auto import tqdm
-
     out, nonfinite = [], 0
     starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress or None, leave=False):
+    for start in track(starts, f"sampling {n} images, batch"):  # reported where a command turned it on
         x = model.sample(min(batch_size, n - start), generator=generator, **kwargs).float()
         bad = ~torch.isfinite(x)
         nonfinite += int(bad.flatten(1).any(1).sum())

@@ -30,6 +30,7 @@ from genexp.models.autoregressive import (
     to_levels,
 )
 from genexp.nets.transformer import DecoderTransformer
+from genexp.progress import track
 
 SOS = LEVELS  # the start token's id, after the 256 levels
 
@@ -103,7 +104,7 @@ class PixelTransformer(Autoregressive):
         device = self.net.pos_emb.device
         seq = torch.full((n, self.num_dims + 1), SOS, dtype=torch.long, device=device)
         cache = self.net.new_cache() if use_cache else None
-        for t in range(self.num_dims):
+        for t in track(range(self.num_dims), "pixel Transformer positions"):
             if cache is not None:
                 params = self.net(seq[:, t : t + 1], cache)[:, -1]  # (n, P): one new position
             else:

@@ -36,6 +36,7 @@ from genexp.models.autoregressive import (
     to_levels,
 )
 from genexp.nets.pixelcnn import GatedPixelCNN
+from genexp.progress import track
 
 
 class PixelCNN(Autoregressive):
@@ -131,7 +132,7 @@ class PixelCNN(Autoregressive):
         x = torch.zeros(n, c_, h_, w_, device=weight.device, dtype=weight.dtype)
         steps = [None] if self.head.joint_channels else range(c_)
         reach = self.net.reach
-        for r in range(h_):
+        for r in track(range(h_), "PixelCNN rows"):
             r0 = max(0, r - reach)
             for c in range(w_):
                 c0 = max(0, c - reach)
