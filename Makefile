@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # set TORCH_SPEC= to let pip choose.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-all lint bench compare clean browser
+.PHONY: install run test test-all lint bench gpu-check compare clean browser
 
 install: $(STAMP)
 
@@ -56,7 +56,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check genexp tests scripts
 
 # every CPU benchmark, one markdown table each, JSON under $(BENCH_DIR); an estimated 6-8 minutes on 2 cores
-# (docs/benchmarks.md). The GPU check is separate: scripts/bench_gpu.py on a CUDA machine.
+# (docs/benchmarks.md). The GPU checks are separate: scripts/bench_gpu.py and make gpu-check on a CUDA machine.
 BENCH_DIR ?= outputs/bench
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train.py --json $(BENCH_DIR)/train.json
@@ -64,6 +64,12 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_overhead.py --repeats 2 --json $(BENCH_DIR)/overhead.json
 	$(BIN)/python scripts/bench_data.py --json $(BENCH_DIR)/data.json
 	$(BIN)/python scripts/bench_ddp.py --json $(BENCH_DIR)/ddp.json
+
+# on a CUDA machine: every family trains 50 steps (compile, channels_last, device data), is scored
+# (FID of 500 samples, samples/s) and resumes, then DDP on all GPUs; one table, at most ~8 minutes.
+# GPU_CHECK_ARGS=--smoke runs it on the CPU with tiny nets (about 2-3 minutes on 2 cores)
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py --json $(BENCH_DIR)/gpu_check.json $(GPU_CHECK_ARGS)
 
 # the talk's comparison on CPU: every family x 2 seeds x 3 minutes on mnist5k, evaluated (diffusion
 # sampled with DDIM-50), report in compare/mnist5k/report/; about an hour on 2 cores
