@@ -14,10 +14,11 @@ genexp commands run one after another, exactly as the CLI runs them (``genexp.cl
    on a first stage (its ``family.needs_first_stage``: latent diffusion) trains one first in the same
    command, by the ``first_stage_train`` of the ``configs/experiment/`` recipe that trains it in two
    stages, cut to the same 50 steps (``genexp.two_stage``).
-2. ``genexp evaluate ckpt=<run> metrics='[fid,speed]' eval.num_samples=500 device=cuda``: FID of 500
+2. ``genexp sample ckpt=<run> n=16 device=cuda``: a grid and its ``.npz``.
+3. ``genexp evaluate ckpt=<run> metrics='[fid,speed]' eval.num_samples=500 device=cuda``: FID of 500
    samples (classifier features against the test split, trained once and cached under
    ``$GENEXP_CACHE``) and samples/s (one timed batch of 64 after a warm-up batch).
-3. ``genexp train ckpt_path=<run> trainer.max_steps=60``: resumes from ``last.ckpt`` (the run's
+4. ``genexp train ckpt_path=<run> trainer.max_steps=60``: resumes from ``last.ckpt`` (the run's
    overrides replayed, compile included); the step counter must go on.
 
 Then ``genexp train model=<--ddp-family> accelerator=ddp`` (all visible GPUs) runs in a subprocess
@@ -76,7 +77,6 @@ SPEED = ["performance.compile=true", "performance.channels_last=true", "performa
 # the smoke run: no torch.compile (inductor takes minutes per network on 2 CPU cores)
 SMOKE_SPEED = ["performance.channels_last=true", "performance.device_data=true"]
 SMOKE_DATA = [*TINY_DATA, "data.batch_size=16", "data.num_workers=0"]
-STAGES = ("train", "evaluate", "resume")
 
 
 class CheckTimes(StepTimes):
@@ -197,6 +197,13 @@ def worker(args) -> None:
         global_step=metrics["global_step"],
         parameters=metrics.get("num_parameters"),
     )
+    stage("sample")
+    run_command(
+        ["sample", f"ckpt={run}", f"n={args.grid}", f"device={device.type}", "name=gpu_check"], device
+    )
+    grid = [run / "samples" / f"gpu_check.{ext}" for ext in ("png", "npz")]
+    if not all(path.is_file() for path in grid):
+        raise SystemExit(f"gpu_check: genexp sample wrote no {' or '.join(p.name for p in grid)}")
     stage("evaluate")
     run_command(evaluate_overrides(args, run, device), device)
     scores = json.loads((run / "evaluation.json").read_text())["metrics"]
@@ -275,6 +282,7 @@ def check_family(args, family: str, work: Path, timeout: float) -> dict:
         f"--warmup={args.warmup}",
         f"--resume-steps={args.resume_steps}",
         f"--fid-samples={args.fid_samples}",
+        f"--grid={args.grid}",
         f"--precision={args.precision}",
         *(["--smoke"] if args.smoke else []),
         "--",
@@ -439,6 +447,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--warmup", type=int, default=None, help="of which untimed first, compilation included (10; 2)")
     add("--resume-steps", type=int, default=None, help="steps the resumed run adds (10; 2)")
     add("--fid-samples", type=int, default=None, help="generated images for FID (500; smoke 16)")
+    add("--grid", type=int, default=16, help="images of the genexp sample grid")
     add("--jobs", type=int, default=None, help="families at once (CUDA 4, smoke 1)")
     add("--budget", type=float, default=None, help="seconds for everything (480; smoke 1200)")
     add("--timeout", type=float, default=None, help="seconds per family at most (240; smoke 300)")
