@@ -78,6 +78,7 @@ genexp.models.score_sde.ScoreSDE
 genexp.models.vae.VAE
 genexp.nets.time_mlp.TimeMLP
 genexp.nets.unet.UNet
+genexp.sweeps.SweepEnd
 """
 # torch.optim's optimizers (a user picks any with optimizer._target_=torch.optim.<Name>)
 _OPTIMIZERS = "Adadelta Adafactor Adagrad Adam Adamax AdamW ASGD NAdam RAdam RMSprop Rprop SGD"
@@ -91,12 +92,20 @@ pytorch_lightning.loggers.TensorBoardLogger
 pytorch_lightning.loggers.WandbLogger
 pytorch_lightning.profilers.SimpleProfiler
 """
-# Hydra instantiates these itself (hydra.launcher, hydra.sweeper) from the composed config
+# Hydra instantiates these itself (hydra.launcher, hydra.sweeper) from the composed config. Searches
+# (configs/hparams_search/) run genexp's sweeper with hydra-optuna-sweeper's options and its
+# single-objective samplers (hydra/sweeper/sampler=tpe|random|grid|cmaes); the plugin's own sweeper
+# class is not registered: its loop restarts job numbers on a rerun (one trial's run dir reused by another)
 _HYDRA = """
 hydra._internal.core_plugins.basic_launcher.BasicLauncher
 hydra._internal.core_plugins.basic_sweeper.BasicSweeper
+hydra_plugins.genexp_search.optuna_sweeper.OptunaSweeper
 hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher
 hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher
+optuna.samplers.CmaEsSampler
+optuna.samplers.GridSampler
+optuna.samplers.RandomSampler
+optuna.samplers.TPESampler
 """
 
 REGISTRY: set[str] = {
@@ -444,13 +453,18 @@ WANDB_LOGGER = "pytorch_lightning.loggers.WandbLogger"
 
 
 def build_logger(cfg: DictConfig, output_dir: Path, wandb_id: str | None) -> Any:
-    """``cfg.logger`` (False: none); a wandb logger never prompts and resumes ``wandb_id``'s run."""
+    """``cfg.logger`` (False: none); a wandb logger never prompts, resumes ``wandb_id``'s run and, in a
+    ``-m`` sweep, joins the sweep's group."""
     from genexp.lit.loggers import prepare_wandb_kwargs
+    from genexp.sweeps import wandb_sweep_kwargs
 
     node = cfg.get("logger")
     if not node:
         return False
-    kwargs = prepare_wandb_kwargs({}, wandb_id) if str(node.get("_target_", "")) == WANDB_LOGGER else {}
+    kwargs = {}
+    if str(node.get("_target_", "")) == WANDB_LOGGER:
+        # a sweep's jobs: group=<sweep id>, job_type=<model option>, a tag per override (genexp.sweeps)
+        kwargs = prepare_wandb_kwargs(wandb_sweep_kwargs(node), wandb_id)
     return instantiate(node, "logger", **kwargs)
 
 

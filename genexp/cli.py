@@ -66,11 +66,14 @@ def _guard(fn, *args):
 @hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     from genexp.commands.train import train
+    from genexp.objective import objective_value
+    from genexp.sweeps import in_search
 
+    if in_search():  # a search's trial: its error fails this trial alone (the sweeper records it, goes on)
+        return objective_value(cfg, train(cfg), required=True)
     metrics = _guard(train, cfg)
-    # the sweep objective (e.g. for an Optuna sweeper): the family's monitor metric on the test split
-    monitor = str(cfg.get("monitor", {}).get("metric", "val/loss")).replace("val/", "test/", 1)
-    return (metrics or {}).get("test", {}).get(monitor)
+    # what Hydra's sweeper receives: metrics.json's `objective` (default: the test split's monitor metric)
+    return objective_value(cfg, metrics)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://genexp.configs", config_name="sample")
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     from genexp.build import guard_hydra
 
     guard_hydra()  # what Hydra itself builds from the config (hydra.callbacks) is registry-checked too
+    from genexp.sweeps import register_sweeper
+
+    register_sweeper()  # hparams_search=<recipe>: the search sweeper, however genexp was installed
     run_stoppable(APPS[command], command)
 
 

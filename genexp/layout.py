@@ -22,7 +22,8 @@ CSV_DIR = "csv"
 EVALUATION_JSON = "evaluation.json"  # genexp evaluate's full record
 SAMPLES = "samples"  # sample grids and .npz files
 COMPARE_FAILED = "compare_failed.json"  # genexp compare's mark on a run that failed
-LOCK = ".genexp.lock"  # held while a process trains in the run dir
+LOCK = ".genexp.lock"  # held while a process trains in the run dir (a search: in its sweep dir)
+STUDY_JSON = "study.json"  # in a search's sweep dir: the study's trials, for genexp report
 
 
 def config_yaml(run_dir: Path) -> Path:

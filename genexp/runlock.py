@@ -35,8 +35,13 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path, key: str = "paths.output_dir") -> Iterator[None]:
-    """Hold the run dir's lock for the ``with`` block; refuse at once if someone else holds it."""
+def run_lock(
+    run_dir: Path,
+    key: str = "paths.output_dir",
+    fix: str = "wait until it ends (or stop it), then resume with ckpt_path=<run dir>, or start a new run",
+) -> Iterator[None]:
+    """Hold the run dir's lock for the ``with`` block; refuse at once if someone else holds it
+    (``fix``: what the refusal tells the user to do)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: nothing to lock with
@@ -49,10 +54,7 @@ def run_lock(run_dir: Path, key: str = "paths.output_dir") -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise GenexpError(
-                f"{key}={run_dir}: {_holder(path)} is writing this run now; wait until it ends (or stop it), "
-                "then resume with ckpt_path=<run dir>, or start a new run"
-            ) from None
+            raise GenexpError(f"{key}={run_dir}: {_holder(path)} is writing this run now; {fix}") from None
         # the holder's name, written in place: the lock lives on this file, so no atomic rename here
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from genexp import preflight
 from genexp.build import check_config
 from genexp.errors import ConfigError, GenexpError, check_float, check_int
+from genexp.objective import check_objective
 
 
 def validate(cfg: DictConfig) -> None:
@@ -33,6 +34,7 @@ def validate(cfg: DictConfig) -> None:
                 check_int(f"trainer.{key}", trainer.get(key), minimum=-1)
     except ConfigError as err:
         raise GenexpError(str(err)) from None
+    check_objective(cfg)  # what a sweep's sweeper receives: one number of metrics.json
     refuse_ddp_sweep(cfg)
     refuse_missing_gpu(cfg)
 

@@ -81,4 +81,8 @@ def test_every_subpackage_is_declared_for_installation():
         tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     )
     found = {"genexp"} | {"genexp." + p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert found | {"genexp.configs"} == declared
+    # Hydra plugins live in its hydra_plugins namespace: hydra_plugins/genexp_search (the search sweeper)
+    plugins = {
+        "hydra_plugins." + p.parent.name for p in (PACKAGE.parent / "hydra_plugins").glob("*/__init__.py")
+    }
+    assert plugins and found | plugins | {"genexp.configs"} == declared

@@ -10,7 +10,8 @@ they are imported (:mod:`faults.genexp_faults`):
 - ``GENEXP_FAULT_SLOW_STEP=<s>``: every training step starts s seconds late;
 - ``GENEXP_FAULT_PAUSE=<phase>[:<s>]``: the process logs ``fault injection: pausing in <phase>``
   and sleeps (60 s by default) in the first batch of a fit's validation (``validation``), of the
-  test (``test``), or before writing a sample grid (``sample_grid``), so a test can signal it there.
+  test (``test``), or before writing a sample grid (``sample_grid``), so a test can signal it there;
+  with ``GENEXP_FAULT_PAUSE_JOB=<n>`` only in job n of a ``-m`` sweep (``hydra.job.num``).
 """
 
 from __future__ import annotations

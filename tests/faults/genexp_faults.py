@@ -32,7 +32,17 @@ class SlowFile:
         return getattr(self._file, name)
 
 
+def _job_num() -> int | None:
+    """The Hydra job number of this process's run (a sweep's job), None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().job.num) if HydraConfig.initialized() else None
+
+
 def pause(phase: str, seconds: float) -> None:
+    job = os.environ.get("GENEXP_FAULT_PAUSE_JOB")
+    if job is not None and _job_num() != int(job):  # a sweep: pause in that job only
+        return
     logging.getLogger("genexp").warning("fault injection: pausing in %s", phase)
     time.sleep(seconds)
 

@@ -1,0 +1,1 @@
+"""genexp's Hydra sweeper plugin (``hydra.sweeper._target_``): see :mod:`genexp.search`."""
