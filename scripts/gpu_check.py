@@ -22,7 +22,7 @@ genexp commands run one after another, exactly as the CLI runs them (``genexp.cl
    overrides replayed, compile included); the step counter must go on.
 
 Then ``genexp train model=<--ddp-family> accelerator=ddp`` (all visible GPUs) runs in a subprocess
-(Lightning's launcher re-runs that command in every rank) for 20 steps and is resumed for 10 more;
+(Lightning's launcher re-runs that command in every rank) for 20 steps and is resumed for 20 more;
 its img/s is the resumed run's (``metrics.json``), whose first step, the recompilation, is not timed.
 
 img/s: training images per second after the first 10 steps (which hold the compilation), each
@@ -30,8 +30,9 @@ step from batch end to batch end with a CUDA synchronise there (benchlib's StepT
 ``torch.cuda.max_memory_allocated`` over the training command (CPU: the peak RSS growth).
 ``--jobs 4`` (the default on CUDA) runs four families at once: their training steps are small and
 mostly launch-bound, and compiling them is CPU work that the 16 cores share, so the whole check
-fits in ``--budget 480`` seconds; img/s and samples/s are then lower bounds (``--jobs 1``: each
-family alone, and longer). A family not started within the budget is ``skipped``.
+should fit in ``--budget 480`` seconds (not yet measured on a GPU); img/s and samples/s are then
+lower bounds (``--jobs 1``: each family alone, and longer). A family not started within the budget
+is ``skipped``.
 
     python scripts/gpu_check.py --json gpu_check.json        # on a CUDA machine, at most ~8 minutes
     python scripts/gpu_check.py --smoke                      # CPU, tiny nets: proves the script here
