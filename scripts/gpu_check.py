@@ -293,7 +293,8 @@ def check_family(args, family: str, work: Path, timeout: float) -> dict:
     code = run_logged(command, log, out.parent, timeout, worker_env(args))
     row = json.loads(out.read_text()) if out.is_file() else {"family": family, "stage": "start"}
     row["wall_s"] = time.perf_counter() - start
-    row["log"] = str(log)
+    if args.workdir:  # a temporary folder's log is gone once the check ends
+        row["log"] = str(log)
     stage = row.pop("stage")
     if code == 0 and stage == "done":
         row["status"] = "ok"
@@ -345,7 +346,8 @@ def check_ddp(args, work: Path, timeout: float) -> dict:
             stage = name
             break
     row["wall_s"] = time.perf_counter() - start
-    row["log"] = str(log)
+    if args.workdir:
+        row["log"] = str(log)
     text = log.read_text(errors="replace")
     if code is None:
         row["status"] = f"failed ({stage}): timed out after {timeout:.0f} s"
@@ -428,7 +430,7 @@ def table_of(args, rows: list[dict]) -> Table:
     return table
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -464,6 +466,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--family", default=None, help=argparse.SUPPRESS)
     add("--out", default=None, help=argparse.SUPPRESS)
     add("worker_overrides", nargs="*", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with the GPU or smoke defaults filled in; the parent's checked (families known,
+    ``--override`` as FAMILY:KEY=VALUE, CUDA present unless ``--smoke``)."""
+    parser = make_parser()
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = {
