@@ -111,3 +111,19 @@ def test_a_training_run_reports_its_sample_grid_and_test_bound(tiny_cfg, caplog,
     assert "sample grid (epoch_001) 1/1 > DDPMSampler steps 10/20 | 50% |" in lines, lines
     assert "test batches 1/" in lines and "> bits/dim bound timesteps" in lines, lines
     assert progress._stack == []
+
+
+def test_compare_names_the_job_of_a_sweep_and_its_eta(monkeypatch):
+    """Hydra's '#k : overrides' job-start line: job k+1 of N; before any job ended the ETA is N
+    budgets (at least), after k jobs in T seconds it is T / k per job left."""
+    from genexp.commands.compare import JobClock
+
+    now = [100.0]
+    monkeypatch.setattr("genexp.commands.compare.time.monotonic", lambda: now[0])
+    clock = JobClock(total=4, budget_s=60.0)
+    assert clock.line("[2026-12-02 16:00:00,000][HYDRA] Launching 4 jobs locally") is None
+    first = clock.line("[2026-12-02 16:00:00,001][HYDRA] \t#0 : model=ae seed=0")
+    assert first == "compare: job 1/4 (model=ae seed=0) | 0s elapsed, ETA ≥4m00s"
+    now[0] += 150.0  # two jobs in 150 s: 75 s each, two left
+    third = clock.line("[2026-12-02 16:02:30,000][HYDRA] \t#2 : model=vae seed=0")
+    assert third == "compare: job 3/4 (model=vae seed=0) | 2m30s elapsed, ETA ~2m30s"

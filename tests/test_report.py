@@ -62,6 +62,9 @@ def test_compare_trains_every_family_and_seed_in_one_sweep_and_writes_the_report
     out, first = compared["out"], compared["first"]
     assert first.stdout.splitlines()[0] == "4 runs: 4 trained, 0 skipped, 0 failed, 4 evaluated"
     assert "training 4 runs (ae, vae x seeds 0, 1)" in first.stderr  # one Hydra multirun
+    # which job of how many, with an ETA: the budget before any job ended, then the mean job time
+    assert re.search(r"compare: job 1/4 \(model=ae seed=0\) \| \d+s elapsed, ETA ≥\d+s", first.stderr)
+    assert re.search(r"compare: job 4/4 \(model=vae seed=1\) \| \d+s elapsed, ETA ~\d", first.stderr)
     assert (out / "runs" / "multirun.yaml").is_file()
     assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == RUNS
     for name in RUNS:
@@ -105,7 +108,7 @@ def test_a_second_compare_skips_finished_runs_and_resumes_unfinished_ones(compar
     for name in RUNS[:3]:
         assert f"skipping {name} (finished)" in again.stderr
         assert (out / "runs" / name / "metrics.json").stat().st_mtime_ns == finished[name]
-    assert "resuming vae-seed1" in again.stderr and f"ckpt_path={out / 'runs' / 'vae-seed1'}" in again.stderr
+    assert "resuming vae-seed1 (run 1/1)" in again.stderr and f"ckpt_path={out / 'runs' / 'vae-seed1'}" in again.stderr
     assert (out / "runs" / "vae-seed1" / "metrics.json").is_file()
     assert "training 4 runs" not in again.stderr  # no new sweep
 

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from genexp import atomic, families, layout
+from genexp import atomic, families, layout, progress
 from genexp.errors import GenexpError
 from genexp.signals import Interrupted, block, signal_name
 
@@ -96,8 +97,38 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_logged(cmd: list[str], label: str) -> tuple[int, list[str]]:
+# a multirun's job start, "#3 : model=vae seed=1 <the common overrides>": compare puts model and seed first
+JOB_START = re.compile(r"\[HYDRA\]\s+#(\d+) : (.+)$")
+
+
+class JobClock:
+    """Which job of a training sweep is running, and when the sweep should end: a line per job start.
+
+    Before any job has finished the ETA is the budget alone (``≥``: evaluation and test come on
+    top); from then on, the mean time of the finished jobs (``~``)."""
+
+    def __init__(self, total: int, budget_s: float):
+        self.total, self.budget_s = total, budget_s
+        self.start = time.monotonic()
+
+    def line(self, text: str) -> str | None:
+        """The progress line for a child's output line that starts job k (else None)."""
+        match = JOB_START.search(text)
+        if match is None:
+            return None
+        done = int(match.group(1))
+        elapsed = time.monotonic() - self.start
+        per_job, sign = (elapsed / done, "~") if done else (self.budget_s, "≥")
+        eta = progress.duration(per_job * (self.total - done))
+        return (
+            f"compare: job {done + 1}/{self.total} ({' '.join(match.group(2).split()[:2])}) | "
+            f"{progress.duration(elapsed)} elapsed, ETA {sign}{eta}"
+        )
+
+
+def run_logged(cmd: list[str], label: str, clock: JobClock | None = None) -> tuple[int, list[str]]:
     """Run ``cmd``, passing its output on to the log line by line; return (exit code, last lines).
+    ``clock``: a line of which job of how many, and the ETA, when a multirun starts a job.
 
     The child runs in its own process group; a stop signal here (genexp.signals) is passed on to
     that group, the child gets :data:`STOP_GRACE_S` to save and exit, then the group is killed."""
@@ -120,6 +151,9 @@ def run_logged(cmd: list[str], label: str) -> tuple[int, list[str]]:
                 line = line.rstrip()
                 tail.append(line)
                 log.info("  %s", line)
+                started = clock.line(line) if clock is not None else None
+                if started:
+                    log.info("%s", started)
         except (Interrupted, KeyboardInterrupt) as err:
             signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
             code = stop_child(proc, signum)
@@ -257,7 +291,7 @@ def parse_families(value) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def sweep(new: list[Job], common: list[str]) -> list[str]:
+def sweep(new: list[Job], common: list[str], budget_s: float) -> list[str]:
     """Train ``new`` (a full family x seed grid) as one Hydra multirun; return the finished names.
     A job the sweep started but did not finish is marked failed; unstarted ones are left new."""
     names = list(dict.fromkeys(j.family for j in new))
@@ -274,6 +308,7 @@ def sweep(new: list[Job], common: list[str]) -> list[str]:
             "hydra.sweep.subdir=${hydra:runtime.choices.model}-seed${seed}",
         ],
         f"training {len(new)} runs ({', '.join(names)} x seeds {', '.join(map(str, seeds))})",
+        JobClock(len(new), budget_s),
     )
     if code and interrupted(code):
         raise GenexpError("training was interrupted; run the same command again to resume")
@@ -286,14 +321,14 @@ def sweep(new: list[Job], common: list[str]) -> list[str]:
     return trained
 
 
-def train_one(job: Job, common: list[str]) -> bool:
+def train_one(job: Job, common: list[str], place: str = "") -> bool:
     """Resume a partial run or train a new one alone; True when it finished. A run that failed is
     marked; one refused before its run dir existed means the command itself is wrong (raised)."""
     if job.state() == "partial":
-        cmd, label = [*genexp_command(), "train", f"ckpt_path={job.run_dir}"], f"resuming {job.name}"
+        cmd, label = [*genexp_command(), "train", f"ckpt_path={job.run_dir}"], f"resuming {job.name}{place}"
     else:
         args = [f"model={job.family}", f"seed={job.seed}", *common, f"hydra.run.dir={job.run_dir}"]
-        cmd, label = [*genexp_command(), "train", *args], f"training {job.name}"
+        cmd, label = [*genexp_command(), "train", *args], f"training {job.name}{place}"
     code, tail = run_logged(cmd, label)
     if code and interrupted(code):
         raise GenexpError("training was interrupted; run the same command again to resume")
@@ -313,9 +348,12 @@ def train_jobs(cfg: DictConfig, jobs: list[Job], common: list[str]) -> tuple[lis
                 (job.run_dir / FAILED).unlink()
     new = [j for j in jobs if j.state() == "new"]
     grid = len({j.family for j in new}) * len({j.seed for j in new})
-    trained = sweep(new, common) if new and len(new) == grid else []
-    for job in jobs:  # interrupted runs, and what a failed sweep left unstarted
-        if job.state() in ("partial", "new") and train_one(job, common):
+    budget_s = 60 * float(cfg.budget_minutes)
+    trained = sweep(new, common, budget_s) if new and len(new) == grid else []
+    # interrupted runs, and what a failed sweep left unstarted
+    left = [j for j in jobs if j.state() in ("partial", "new")]
+    for k, job in enumerate(left, 1):
+        if train_one(job, common, f" (run {k}/{len(left)})"):
             trained.append(job.name)
     failed = [j.name for j in jobs if j.state() == "failed"]
     return trained, failed
@@ -347,7 +385,7 @@ def evaluate_jobs(cfg: DictConfig, jobs: list[Job]) -> list[str]:
 
     chosen = settings_from_config(cfg)
     done = []
-    for job in jobs:
+    for job in progress.track(jobs, "compare: evaluating runs"):
         settings = chosen
         if chosen.sampler is not None and not has_sampler(job):  # sampler=... is for diffusion runs only
             settings = dataclasses.replace(chosen, sampler=None)
@@ -407,7 +445,8 @@ def run(cfg: DictConfig, group_args: list[str] | None = None) -> CompareResult:
         len(failed),
         time.perf_counter() - start,
     )
-    evaluated = evaluate_jobs(cfg, jobs)
+    with progress.reporting(progress.auto()):
+        evaluated = evaluate_jobs(cfg, jobs)
     meta = {
         "dataset": dataset,
         "families": chosen,
