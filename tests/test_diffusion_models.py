@@ -13,7 +13,8 @@ from PIL import Image
 from genexp.build import build_model
 from genexp.checkpoints import load_model, model_state
 from genexp.commands.train import train
-from genexp.diffusion.samplers import DDIMSampler, DDPMSampler
+from genexp.diffusion.fast_samplers import DPMSolverPPSampler
+from genexp.diffusion.samplers import DDIMSampler
 from genexp.errors import GenexpError
 
 
@@ -155,7 +156,7 @@ def test_bound_with_all_timesteps_is_the_exact_sum_and_fewer_estimate_it(tmp_pat
 
 def test_the_sampler_is_chosen_by_config_and_swapped_at_sampling(ddpm_run):
     loaded = load_model(str(ddpm_run))
-    assert isinstance(loaded.model.diffusion.sampler, DDPMSampler)
+    assert isinstance(loaded.model.diffusion.sampler, DPMSolverPPSampler)  # model=ddpm's default
     ddim = load_model(
         str(ddpm_run),
         {

@@ -180,8 +180,8 @@ def test_ddpm_sweep_spends_the_samplers_nfe(runs, sampler, nfe, expected, name):
             ["nfe=[4]"],
             r"nfe=\[4\]: vae has no sampler or solver whose steps set its NFE .*; drop the nfe option",
         ),
-        # the run's own sampler (ddpm: all T steps) has no step count
-        ("ddpm", ["nfe=[4]"], r"DDPMSampler has no step count .*; pass sampler=ddim\|dpm_solver_pp\|heun"),
+        # the ancestral sampler (all T steps) has no step count
+        ("ddpm", ["nfe=[4]", "sampler=ddpm"], r"DDPMSampler has no step count .*; pass sampler=ddim\|dpm_solver_pp\|heun"),
         (
             "flow_matching",
             ["nfe=[4]", "solver=dopri5"],

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import inspect
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -217,6 +218,15 @@ class Throughput(pl.Callback):
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def bits_per_dim_images(pl_module: pl.LightningModule, stage: str) -> int | None:
+    """How many images of ``stage`` get the family's bits/dim (``model.bpd_images``), or None when
+    the stage computes none or all of them."""
+    model = getattr(pl_module, "model", None)
+    if stage not in getattr(model, "bpd_stages", ()):
+        return None
+    return getattr(model, "bpd_images", None)
+
+
 class WaitProgress(pl.Callback):
     """The test epoch as a :func:`genexp.progress.task` (batches), so the waits inside it (a
     likelihood bound, an ODE) report their place in the whole: log lines with percent and ETA when
@@ -227,8 +237,14 @@ class WaitProgress(pl.Callback):
         self._task: progress.Task | None = None
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        total = sum(n for n in trainer.num_test_batches if n != float("inf"))
-        self._task = self._tasks.enter_context(progress.task("test batches", int(total) or None))
+        total = int(sum(n for n in trainer.num_test_batches if n != float("inf")))
+        what, limit = "test batches", bits_per_dim_images(pl_module, "test")
+        loaders = trainer.test_dataloaders
+        batch_size = getattr(loaders[0] if isinstance(loaders, list | tuple) else loaders, "batch_size", None)
+        if limit is not None and batch_size and total:
+            # the batches that carry a likelihood estimate cost nearly all of the wait: count those
+            what, total = "test batches with bits/dim", min(total, math.ceil(limit / batch_size))
+        self._task = self._tasks.enter_context(progress.task(what, total or None))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._task is not None:

@@ -8,6 +8,7 @@ optimizer and LR schedule it was given.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ from torch import nn
 
 from genexp.lit.divergence import DivergenceGuard
 from genexp.models.base import EstimatedLikelihood, Likelihood, Preparable
+
+log = logging.getLogger("genexp")
 
 
 class GenerativeModule(pl.LightningModule):
@@ -124,6 +127,15 @@ class GenerativeModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._reset_bpd()
+        cost = getattr(self.model, "bpd_cost", None)  # optional: the families whose bits/dim is costly
+        if (
+            callable(cost)
+            and "test" in getattr(self.model, "bpd_stages", ("test",))
+            and self.trainer.is_global_zero
+        ):
+            limit = getattr(self.model, "bpd_images", None)
+            images = "all test images" if limit is None else f"up to {limit} test images"
+            log.info("test bits/dim of %s by %s (model.bpd_images sets how many)", images, cost())
 
     def on_validation_epoch_end(self) -> None:
         self._log_bpd_std_err("val")

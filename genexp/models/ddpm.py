@@ -93,6 +93,14 @@ class DDPM(nn.Module):
             return self.ode_bpd(x, generator)[0]
         return self.diffusion.bound_bpd(x * 2 - 1, self.bpd_timesteps)
 
+    def bpd_cost(self) -> str:
+        """What one image's bits/dim costs, for the log line before the test epoch."""
+        if self.likelihood == "ode":
+            passes = 4 * self.ode_steps * self.ode_probes
+            return f"the probability-flow ODE (RK4, {self.ode_steps} steps x {self.ode_probes} probes): {passes} network+backward passes per image"
+        k = min(self.bpd_timesteps, self.diffusion.schedule.timesteps)
+        return f"the variational bound over {k} of {self.diffusion.schedule.timesteps} timesteps: {k} network passes per image"
+
     @torch.no_grad()
     def nll_bpd_with_error(
         self, x: torch.Tensor, generator: torch.Generator | None = None

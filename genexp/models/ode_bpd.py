@@ -48,6 +48,14 @@ class ODEBitsPerDim:
         self.bpd_solver = check_choice("bpd_solver", solver, SOLVERS)
         self.bpd_tol = check_float("bpd_tol", tol, positive=True, maximum=0.1)
 
+    def bpd_cost(self) -> str:
+        """What one image's bits/dim costs, for the log line before the test epoch."""
+        if self.bpd_solver == "dopri5":
+            return f"the likelihood ODE (adaptive dopri5, tol {self.bpd_tol:g}) x {self.bpd_probes} probes: a network+backward pass per function evaluation"
+        per_step = {"euler": 1, "midpoint": 2, "rk4": 4}[self.bpd_solver]
+        passes = per_step * self.bpd_steps * self.bpd_probes
+        return f"the likelihood ODE ({self.bpd_solver}, {self.bpd_steps} steps x {self.bpd_probes} probes): {passes} network+backward passes per image"
+
     def bpd_field(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
