@@ -147,7 +147,7 @@ def model_for(name: str, solver=None, **kwargs) -> ScoreSDE:
 
 @pytest.mark.parametrize("name", list(SDES))
 def test_probability_flow_ode_pushes_the_prior_exactly(name):
-    """The PF-ODE of the exact score (through the model's solver time u = 1 − (t − ε)/(1 − ε))
+    """The PF-ODE of the exact score (through the model's solver time u, t = SDE.ode_time(u): log-σ steps)
     maps x_1 to m_ε μ + √(V_ε / V_1) (x_1 − m_1 μ) (the module docstring) within 1e-5 by RK4-64
     (measured: 1.0e-6 on VP, where β(t) reaches 20; less on VE and sub-VP)."""
     model = model_for(name)
@@ -223,7 +223,6 @@ def test_ode_likelihood_equals_the_analytic_log_density(solver):
     assert torch.equal(model.nll_bpd(x, torch.Generator().manual_seed(8)), bpd)
 
 
-
 def test_a_negative_bits_per_dim_warns_that_the_likelihood_ode_is_not_converged(monkeypatch):
     """Below 0 bits/dim is impossible for 8-bit data (E_u[-log2 p(x + u)] >= -log2 P(x) >= 0): a
     prior density raised by 10 nats per dimension stands in for a solver's error (the trained VE
@@ -235,11 +234,14 @@ def test_a_negative_bits_per_dim_warns_that_the_likelihood_ode_is_not_converged(
         assert (model.ode_bpd(x, torch.Generator().manual_seed(1))[0] > 0).all()
     prior = model.bpd_prior
     monkeypatch.setattr(model, "bpd_prior", lambda x0: prior(x0) + 10.0 * x0[0].numel())
-    with pytest.warns(RuntimeWarning, match=r"< 0 is impossible .* raise model.bpd_steps .*model.bpd_solver=dopri5"):
+    with pytest.warns(
+        RuntimeWarning, match=r"< 0 is impossible .* raise model.bpd_steps .*model.bpd_solver=dopri5"
+    ):
         model.ode_bpd(x, torch.Generator().manual_seed(1))
     model.bpd_solver = "dopri5"
     with pytest.warns(RuntimeWarning, match=r"< 0 is impossible .* lower model.bpd_tol"):
         model.ode_bpd(x, torch.Generator().manual_seed(1))
+
 
 def test_dsm_with_sigma_squared_weighting_is_ddpms_simple_loss():
     """The talk's "the training objective is the same": with s_θ = −ε_θ / σ_t, λ(t) = σ_t² and
