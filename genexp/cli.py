@@ -35,6 +35,7 @@ examples:
   genexp train                                       # VAE on the embedded mnist5k, CPU
   genexp train model=<family> dataset=fashion_mnist optimizer=adamw optimizer.lr=3e-4
   genexp train -m model=<a>,<b> seed=0,1             # a sweep: one run dir per job under multirun/
+  genexp train -m hparams_search=vae_optuna          # an Optuna search; the same command continues it
   genexp train experiment=vae_mnist5k logger=csv
   genexp train ckpt_path=<run dir|.ckpt|latest>      # resume (same run dir, same wandb run)
   genexp train --cfg job                             # print the composed config

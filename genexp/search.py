@@ -21,10 +21,12 @@ The plugin's helpers (``_impl``) are private to it: pyproject pins the plugin to
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import yaml
 from hydra.core.utils import JobReturn
 from hydra.errors import HydraException
 from hydra_plugins.hydra_optuna_sweeper import _impl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -99,16 +101,32 @@ class StudySweeper(_impl.OptunaSweeperImpl):
         return space, fixed
 
     def check_composes(self, space: dict[str, BaseDistribution], fixed: dict[str, Any]) -> None:
-        """Compose one trial's config (each parameter at its first value) before any trial runs: a
-        key or group the config lacks fails here, in one line, with the keys it has."""
-        sample = [f"{name}={first_value(d)}" for name, d in space.items()]
-        try:
-            self.hydra_context.config_loader.load_sweep_config(
-                self.config, [*sample, *(f"{k}={v}" for k, v in fixed.items())]
-            )
-        except HydraException as err:
-            line = describe(err) or str(err).strip().splitlines()[0]
-            raise GenexpError(f"hydra.sweeper.params: {line}") from None
+        """Compose and check a trial's config before any trial runs (each parameter at its first
+        value, and each other choice of a categorical one): a key the config lacks, a group option it
+        does not have, a value genexp refuses, fails here, in one line."""
+        first = {name: first_value(d) for name, d in space.items()}
+        points = [first] + [
+            {**first, name: choice}
+            for name, d in space.items()
+            if isinstance(d, CategoricalDistribution)
+            for choice in d.choices[1:]
+        ]
+        from genexp.validate import validate
+
+        for point in points:
+            overrides = [f"{k}={v}" for k, v in {**point, **fixed}.items()]
+            try:
+                composed = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            except HydraException as err:
+                line = describe(err) or str(err).strip().splitlines()[0]
+                raise GenexpError(f"hydra.sweeper.params: {line}") from None
+            try:  # what a trial checks before it trains: a missing option of an optional group, say
+                with as_job(composed, Path(str(self.config.hydra.sweep.dir))) as task:
+                    validate(task)
+            except GenexpError as err:
+                raise GenexpError(
+                    f"hydra.sweeper.params at {' '.join(overrides[: len(point)])}: {err}"
+                ) from None
 
     def open_study(self, sweep_dir: Path) -> optuna.Study:
         """The study (created, or loaded from ``storage`` to continue), its sampler's seed moved on."""
@@ -186,6 +204,27 @@ class StudySweeper(_impl.OptunaSweeperImpl):
                 f"{len(failures)} of {len(trials)} trials failed (hydra.sweeper.max_failure_rate="
                 f"{self.max_failure_rate}): {failures[0]}"
             )
+
+
+@contextlib.contextmanager
+def as_job(composed: DictConfig, sweep_dir: Path) -> Iterator[DictConfig]:
+    """A composed trial config as Hydra's ``run_job`` hands it to the task (its Hydra config set,
+    the ``hydra`` node removed), for :func:`genexp.validate.validate`; nothing is written."""
+    from hydra.core.hydra_config import HydraConfig
+
+    instance = HydraConfig.instance()
+    previous = instance.cfg
+    with open_dict(composed):
+        composed.hydra.runtime.output_dir = str(sweep_dir.resolve() / "preflight")
+        composed.hydra.job.num = -1
+    instance.set_config(composed)
+    task = composed.copy()
+    with open_dict(task):
+        del task["hydra"]
+    try:
+        yield task
+    finally:
+        instance.cfg = previous
 
 
 def tell(study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> str:

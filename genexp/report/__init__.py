@@ -5,7 +5,8 @@ dir, or any folder of run dirs), reads each run's ``metrics.json``, ``evaluation
 FID-vs-NFE sweep, if any), CSV log and sample grids (:mod:`.collect`), and writes ``index.html``
 and ``report.md`` (plus ``images/``) into the report folder: one column spec (:mod:`.columns`)
 rendered twice (:mod:`.html`, :mod:`.markdown`), with every run's sweep in one figure and table
-(:mod:`.nfe`). Families are grouped by their ``model`` option, labelled and rated from their
+(:mod:`.nfe`), and, when the folder is one ``-m`` sweep, its trials ranked by the objective
+(:mod:`.sweep`: a search's best trial, parameter scatter and history; a grid's metric per value). Families are grouped by their ``model`` option, labelled and rated from their
 metadata (:mod:`genexp.families`); every number is an aggregate over seeds.
 
 Only files the report wrote itself are written, replaced or removed (:mod:`.files`: its manifest);
@@ -25,6 +26,7 @@ from genexp.report.columns import Page, notes, setup_line
 from genexp.report.files import MANIFEST, check_overwrites, commit_files, owned_files, report_folder
 from genexp.report.gallery import gallery_files
 from genexp.report.nfe import section as nfe_section
+from genexp.report.sweep import section_files
 
 __all__ = ["MANIFEST", "write_report"]
 
@@ -54,6 +56,8 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
     files, gallery = gallery_files(runs)
     nfe_files, nfe = nfe_section(runs)
     files.update(nfe_files)
+    sweep_files, sweep = section_files(root, runs)  # a search's or a grid's ranking of its trials
+    files.update(sweep_files)
     content = Page(
         title=f"genexp comparison — {', '.join(sorted({r.dataset for r in runs}))}",
         setup=setup_line(root, runs, len(rows)),
@@ -62,6 +66,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
         runs=runs,
         gallery=gallery,
         nfe=nfe,
+        sweep=sweep,
     )
     files["index.html"] = (html.page(content) + "\n").encode("utf-8")
     files["report.md"] = markdown.page(content).encode("utf-8")

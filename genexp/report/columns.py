@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from genexp.report.collect import (
     COMPARE_JSON,
@@ -22,6 +22,9 @@ from genexp.report.collect import (
     number,
     read_json,
 )
+
+if TYPE_CHECKING:
+    from genexp.report.sweep import SweepSection
 
 TALK = "talk"  # the header of a column that holds the talk's mark
 
@@ -160,6 +163,7 @@ class Page:
     runs: list[Run]
     gallery: list[tuple[Run, list[Figure]]]
     nfe: NFESection | None = None  # None: no run has a sweep, and the section is left out
+    sweep: SweepSection | None = None  # the folder is one -m sweep: its trials ranked (genexp.report.sweep)
 
 
 def provenance(runs: list[Run]) -> str:

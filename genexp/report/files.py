@@ -17,7 +17,9 @@ from genexp.errors import GenexpError
 from genexp.report.collect import as_dict, read_json
 
 MANIFEST = ".genexp-report.json"  # in the report folder: the files the report wrote, with their SHA-256
-OWNED_NAME = re.compile(r"index\.html|report\.md|images/nfe_sweep\.png|images/[^/\\]+_(samples|curves)\.png")
+OWNED_NAME = re.compile(
+    r"index\.html|report\.md|images/(nfe_sweep|sweep_params|sweep_history)\.png|images/[^/\\]+_(samples|curves)\.png"
+)
 
 
 def _sha256(data: bytes) -> str:

@@ -35,7 +35,8 @@ td.talk { text-align: center; background: #f6f6f6; font-weight: bold; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figure img { border: 1px solid #ccc; }
 figure img.samples { width: 240px; image-rendering: pixelated; }
-figure img.nfe { max-width: 100%; }
+figure img.nfe, figure img.sweep { max-width: 100%; }
+pre { background: #f6f6f6; padding: 0.5em; font-size: 0.8em; max-height: 30em; overflow: auto; }
 figcaption { font-size: 0.8em; }
 .note { font-size: 0.85em; color: #555; max-width: 70em; }
 </style>"""
@@ -91,6 +92,49 @@ def _nfe(section: NFESection | None) -> list[str]:
     ]
 
 
+def _best(section) -> list[str]:
+    """The best trial: its objective, parameters, overrides and (folded) its whole config."""
+    best = section.best
+    if best is None:
+        return ['<p class="note" id="best-trial">no trial has an objective yet</p>']
+    out = [
+        '<div id="best-trial">',
+        f"<p><b>Best {'trial' if section.kind == 'search' else 'run'} {escape(best.label)}</b>: "
+        f"{escape(section.objective)} = {best.value:.6g}"
+        + (f" ({escape(best.run.name)})" if best.run else "")
+        + "</p>",
+        "<ul>"
+        + "".join(f"<li><code>{escape(f'{k}={v}')}</code></li>" for k, v in best.params.items())
+        + "</ul>",
+    ]
+    if section.best_overrides:
+        out.append(f"<p>its overrides: <code>{escape(' '.join(section.best_overrides))}</code></p>")
+    if section.best_config:
+        out.append(
+            "<details><summary>its config (.hydra/config.yaml)</summary>"
+            f"<pre>{escape(section.best_config)}</pre></details>"
+        )
+    return [*out, "</div>"]
+
+
+def _sweep(section) -> list[str]:
+    """A search's or a grid's section: the best trial, the figures, every trial ranked."""
+    if section is None:
+        return []
+    title = "Search" if section.kind == "search" else "Grid sweep"
+    return [
+        f'<h2 id="sweep">{title}</h2>',
+        f'<p class="note">{escape(section.note)}</p>',
+        *_best(section),
+        *(
+            f'<figure><img class="{fig.kind}" src="{escape(fig.src)}" alt="{escape(fig.caption)}">'
+            f"<figcaption>{escape(fig.caption)}</figcaption></figure>"
+            for fig in section.figures
+        ),
+        table("sweep", section.columns, section.trials),
+    ]
+
+
 def page(content: Page) -> str:
     return "\n".join(
         [
@@ -102,6 +146,7 @@ def page(content: Page) -> str:
             "</head><body>",
             f"<h1>{escape(content.title)}</h1>",
             f'<p class="note">{escape(content.setup)}</p>',
+            *_sweep(content.sweep),
             "<h2>Summary</h2>",
             table("summary", SUMMARY, content.families),
             f'<p class="note">{escape(content.notes)}</p>',

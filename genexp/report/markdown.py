@@ -29,8 +29,23 @@ def _nfe(section: NFESection | None) -> list[str]:
     return md + [f"- {line}" for line in section.crossings] + ["", section.note, ""]
 
 
+def _sweep(section) -> list[str]:
+    """A search's or a grid's section: the best trial, the figures, every trial ranked."""
+    if section is None:
+        return []
+    md = [f"## {'Search' if section.kind == 'search' else 'Grid sweep'}", "", section.note, ""]
+    best = section.best
+    if best is not None:
+        md += [f"**Best {best.label}**: {section.objective} = {best.value:.6g}", ""]
+        md += [f"- `{k}={v}`" for k, v in best.params.items()] + [""]
+        if section.best_overrides:
+            md += [f"its overrides: `{' '.join(section.best_overrides)}`", ""]
+    md += [f"![{fig.caption}]({fig.src})" for fig in section.figures] + [""]
+    return md + [table(section.columns, section.trials), ""]
+
+
 def page(content: Page) -> str:
-    md = [f"# {content.title}", "", content.setup, "", "## Summary", ""]
+    md = [f"# {content.title}", "", content.setup, "", *_sweep(content.sweep), "## Summary", ""]
     md += [table(SUMMARY, content.families), "", content.notes, ""]
     md += ["## Runs", "", table(RUNS, content.runs), "", *_nfe(content.nfe)]
     md += ["## Samples and loss curves", ""]
