@@ -238,7 +238,11 @@ def tell(study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> str:
         study.tell(trial, state=TrialState.FAIL)
         log.warning("trial %d failed: %s", trial.number, error)
         return error
-    study.tell(trial, value)
+    try:
+        study.tell(trial, value)  # optuna stores the value and state even when the sampler raises after
+    except RuntimeError as err:  # the grid sampler stops its study once the grid is done: no optimize() here
+        if "Study.stop" not in str(err):
+            raise
     log.info("trial %d: %.6g %s", trial.number, value, " ".join(f"{k}={v}" for k, v in trial.params.items()))
     return ""
 
