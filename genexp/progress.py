@@ -27,12 +27,18 @@ INTERVAL_ENV = "GENEXP_PROGRESS_INTERVAL"  # overrides it (seconds; 0: a line pe
 
 
 class Task:
-    """One level of a nested wait: ``total`` units (None: unknown), ``done`` of them finished."""
+    """One level of a nested wait: ``total`` units (None: unknown), ``done`` of them finished.
 
-    def __init__(self, what: str, total: int | None):
+    ``span``: the units the inner levels are working on now (a batch of 250 images: 250), so their
+    share counts for that many; ``ordinal``: an outer level reads as the unit in progress
+    (``batch 2/4``), else as the units done (``images 250/256``)."""
+
+    def __init__(self, what: str, total: int | None, ordinal: bool = True):
         self.what = what
         self.total = total if total is None or total > 0 else None
         self.done = 0
+        self.span = 1
+        self.ordinal = ordinal
 
     def advance(self, units: int = 1) -> None:
         self.done += units
@@ -49,13 +55,14 @@ _reporter: Reporter | None = None
 
 def overall(stack: list[Task]) -> float:
     """The finished share of the outermost task: each level's position plus its inner levels' share
-    of one of its units (a level of unknown total counts as 0 from there inwards)."""
+    of the ``span`` units in progress (a level of unknown total counts as 0 from there inwards)."""
     share = 0.0
-    for level in reversed(stack):
+    for i, level in enumerate(reversed(stack)):
         if level.total is None:
             share = 0.0
             continue
-        share = min((level.done + share) / level.total, 1.0)
+        inner = share * level.span if i else 0.0
+        share = min((level.done + inner) / level.total, 1.0)
     return share
 
 
@@ -64,7 +71,7 @@ def describe(stack: list[Task]) -> str:
     parts = []
     for i, level in enumerate(stack):
         total = "?" if level.total is None else str(level.total)
-        count = level.done if i == len(stack) - 1 else level.done + 1
+        count = level.done if i == len(stack) - 1 or not level.ordinal else level.done + 1
         if level.total is not None:
             count = min(count, level.total)
         parts.append(f"{level.what} {count}/{total}")
@@ -191,9 +198,10 @@ def reporting(reporter: Reporter | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def task(what: str, total: int | None) -> Iterator[Task]:
-    """A wait of ``total`` units, nested in the current one: ``with task(...) as t: ... t.advance()``."""
-    level = Task(what, total)
+def task(what: str, total: int | None, ordinal: bool = True) -> Iterator[Task]:
+    """A wait of ``total`` units, nested in the current one: ``with task(...) as t: ... t.advance()``
+    (``ordinal``: see :class:`Task`)."""
+    level = Task(what, total, ordinal)
     _stack.append(level)
     reporter = _reporter
     if reporter is not None:

@@ -129,3 +129,23 @@ def test_compare_names_the_job_of_a_sweep_and_its_eta(monkeypatch):
     now[0] += 150.0  # two jobs in 150 s: 75 s each, two left
     third = clock.line("[2026-12-02 16:02:30,000][HYDRA] \t#2 : model=vae seed=0")
     assert third == "compare: job 3/4 (model=vae seed=0) | 2m30s elapsed, ETA ~2m30s"
+
+
+def test_a_short_last_batch_weighs_what_it_costs(caplog):
+    """256 images in batches of 250 and 6: halfway through the first batch's steps is
+    125/256 = 49% of the wait, not 25% (half of one of two batches); the count reads in images."""
+    import torch
+
+    from genexp.metrics.sampling import sample_uint8
+
+    class Stepped(torch.nn.Module):
+        def sample(self, n, generator=None):
+            for _ in progress.track(range(4), "steps"):
+                pass
+            return torch.zeros(n, 1, 2, 2)
+
+    with caplog.at_level(logging.INFO, logger="genexp"), progress.reporting(progress.LogLines(0.0)):
+        sample_uint8(Stepped(), 256, 250)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("sampled images 0/256 > steps 2/4 | 49% |") for line in lines), lines
+    assert any(line.startswith("sampled images 250/256 > steps 2/4 | 99% |") for line in lines), lines

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from genexp.progress import track
+from genexp.progress import task
 
 
 class Samples(NamedTuple):
@@ -35,13 +35,16 @@ def sample_uint8(
         kwargs: extra arguments of the family's ``sample`` (``temperature``, ``truncation``).
     """
     out, nonfinite = [], 0
-    starts = range(0, n, batch_size)
-    for start in track(starts, f"sampling {n} images, batch"):  # reported where a command turned it on
-        x = model.sample(min(batch_size, n - start), generator=generator, **kwargs).float()
-        bad = ~torch.isfinite(x)
-        nonfinite += int(bad.flatten(1).any(1).sum())
-        x = x.masked_fill(bad, 0.0).clamp(0, 1)
-        out.append(x.mul(255).round().to(torch.uint8).cpu())
+    # counted in images, so a short last batch weighs what it costs (reported where a command turned it on)
+    with task("sampled images", n, ordinal=False) as wait:
+        for start in range(0, n, batch_size):
+            wait.span = min(batch_size, n - start)
+            x = model.sample(wait.span, generator=generator, **kwargs).float()
+            bad = ~torch.isfinite(x)
+            nonfinite += int(bad.flatten(1).any(1).sum())
+            x = x.masked_fill(bad, 0.0).clamp(0, 1)
+            out.append(x.mul(255).round().to(torch.uint8).cpu())
+            wait.advance(wait.span)
     return Samples(torch.cat(out), nonfinite)
 
 
