@@ -284,7 +284,9 @@ def error_line(output: str, returncode: int | None = None) -> str:
     ours = [line for line in lines if line.startswith("genexp: ")]
     raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*", line)]
     found = ours or raised or lines
-    return (found[-1] if found else f"exit code {returncode}")[:300]
+    line = found[-1] if found else f"exit code {returncode}"
+    # HYDRA_FULL_ERROR=1 (CI sets it) shows genexp's error as a traceback: its last line is the same message
+    return re.sub(r"^genexp\.errors\.\w+: ", "genexp: error: ", line)[:300]
 
 
 def write_json(path: str | os.PathLike | None, payload: dict, say: bool = True) -> None:
