@@ -229,3 +229,15 @@ def test_bench_ddp_smoke(tmp_path):
     assert [(r["procs"], r["threads"]) for r in rows] == [(1, 1), (1, 2), (2, 1)]
     assert all(finite_positive(r["img_per_sec"]) for r in rows)
     assert finite_positive(rows[2]["efficiency"]) and finite_positive(rows[2]["vs_one"])
+
+
+def test_a_workers_one_line_error_is_found_with_or_without_hydra_full_error(bench):
+    """genexp's own line wins; under HYDRA_FULL_ERROR=1 (as .ci/run sets) the same message is the
+    traceback's last line, read as genexp's; otherwise a traceback's last exception line."""
+    error_line = bench("benchlib").error_line
+    plain = "training...\ngenexp: error: model.latent_dim=-1: must be >= 1\n"
+    full = "Traceback (most recent call last):\n  File x\ngenexp.errors.GenexpError: model.latent_dim=-1: must be >= 1\n"
+    other = "Traceback (most recent call last):\n  File x\nRuntimeError: CUDA out of memory\nexit\n"
+    assert error_line(plain) == error_line(full) == "genexp: error: model.latent_dim=-1: must be >= 1"
+    assert error_line(other) == "RuntimeError: CUDA out of memory"
+    assert error_line("", 3) == "exit code 3"
