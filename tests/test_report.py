@@ -108,7 +108,10 @@ def test_a_second_compare_skips_finished_runs_and_resumes_unfinished_ones(compar
     for name in RUNS[:3]:
         assert f"skipping {name} (finished)" in again.stderr
         assert (out / "runs" / name / "metrics.json").stat().st_mtime_ns == finished[name]
-    assert "resuming vae-seed1 (run 1/1)" in again.stderr and f"ckpt_path={out / 'runs' / 'vae-seed1'}" in again.stderr
+    assert (
+        "resuming vae-seed1 (run 1/1)" in again.stderr
+        and f"ckpt_path={out / 'runs' / 'vae-seed1'}" in again.stderr
+    )
     assert (out / "runs" / "vae-seed1" / "metrics.json").is_file()
     assert "training 4 runs" not in again.stderr  # no new sweep
 
@@ -117,27 +120,8 @@ def test_report_renders_in_chromium_with_every_image(compared):
     """Headless Chromium loads the page from disk; the page's own script marks each image's load
     state in the DOM, which --dump-dom returns; a screenshot is kept under tests/artifacts/."""
     page = compared["out"] / "report" / "index.html"
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        if os.environ.get("GENEXP_ALLOW_NO_BROWSER") == "1":
-            pytest.skip("no chromium here and GENEXP_ALLOW_NO_BROWSER=1 (make test installs it)")
-        pytest.fail(
-            "chromium not found: make test installs it (apt); or apt-get install chromium, "
-            "or set GENEXP_ALLOW_NO_BROWSER=1 locally"
-        )
-    flags = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        "--virtual-time-budget=10000",
-    ]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-
-    parsed = DomSummary()
-    parsed.feed(dom.stdout)
+    flags = chromium()
+    parsed = rendered_dom(flags, page)
     assert parsed.body.get("data-images-loaded") == "8/8", parsed.body  # 4 sample grids + 4 loss curves
     assert len(parsed.images) == 8
     for img in parsed.images:
@@ -156,6 +140,35 @@ def test_report_renders_in_chromium_with_every_image(compared):
         timeout=120,
     )
     assert made.returncode == 0 and shot.is_file() and shot.stat().st_size > 10_000, made.stderr[-2000:]
+
+
+def chromium() -> list[str]:
+    """Headless Chromium's command line; skips only where GENEXP_ALLOW_NO_BROWSER=1 says so."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        if os.environ.get("GENEXP_ALLOW_NO_BROWSER") == "1":
+            pytest.skip("no chromium here and GENEXP_ALLOW_NO_BROWSER=1 (make test installs it)")
+        pytest.fail(
+            "chromium not found: make test installs it (apt); or apt-get install chromium, "
+            "or set GENEXP_ALLOW_NO_BROWSER=1 locally"
+        )
+    return [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=10000",
+    ]
+
+
+def rendered_dom(flags: list[str], page: Path) -> DomSummary:
+    """The page as Chromium leaves it after its scripts ran (--dump-dom), parsed."""
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = DomSummary()
+    parsed.feed(dom.stdout)
+    return parsed
 
 
 class DomSummary(HTMLParser):

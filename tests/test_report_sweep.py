@@ -5,16 +5,13 @@ same table, the metric per override value), on one page that headless Chromium r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import TINY
 from test_cli import genexp
 from test_optuna_sweep import trials, vae_study  # noqa: F401 - the session's 3-trial study (a fixture)
-from test_report import ARTIFACTS, DomSummary, fake_run
+from test_report import ARTIFACTS, chromium, fake_run, rendered_dom
 
 from genexp.commands.report import write_report
 from genexp.report.collect import read_run
@@ -57,24 +54,9 @@ def test_a_search_report_ranks_every_trial_and_shows_the_best_ones_config(vae_st
 
 
 def test_the_search_page_renders_in_chromium_with_its_figures(vae_study, tmp_path):  # noqa: F811
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        if os.environ.get("GENEXP_ALLOW_NO_BROWSER") == "1":
-            pytest.skip("no chromium here and GENEXP_ALLOW_NO_BROWSER=1 (make test installs it)")
-        pytest.fail("chromium not found: make test installs it (apt), or set GENEXP_ALLOW_NO_BROWSER=1")
+    flags = chromium()
     page = Path(write_report(vae_study, tmp_path / "r")[0])
-    flags = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        "--virtual-time-budget=10000",
-    ]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    parsed = DomSummary()
-    parsed.feed(dom.stdout)
+    parsed = rendered_dom(flags, page)
     sources = [img["src"] for img in parsed.images]
     assert "images/sweep_params.png" in sources and "images/sweep_history.png" in sources
     assert all(img.get("data-loaded") == "yes" for img in parsed.images), parsed.images
