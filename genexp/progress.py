@@ -45,9 +45,6 @@ class Task:
         if _reporter is not None:
             _reporter.update(_stack)
 
-    def fraction(self) -> float | None:
-        return None if self.total is None else min(self.done / self.total, 1.0)
-
 
 _stack: list[Task] = []
 _reporter: Reporter | None = None
