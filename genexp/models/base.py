@@ -44,6 +44,17 @@ class Generative(Protocol):
 
 
 @runtime_checkable
+class Conditional(Protocol):
+    """Families that take class labels (:mod:`genexp.models.conditioning`): ``num_classes`` N (0:
+    trained unconditionally), ``loss(x, y)`` uses ``y``, ``sample(n, generator, y=...)`` draws the
+    classes asked for (uniform when ``y`` is None). ``cond_drop_prob`` > 0 (label dropout) means the
+    model learned the null class and ``sample`` takes ``guidance=w``."""
+
+    num_classes: int
+    cond_drop_prob: float
+
+
+@runtime_checkable
 class Likelihood(Protocol):
     """Families with a bits/dim number on 8-bit data: exact (flows, autoregressive), a bound
     (VAE, diffusion) or an ODE estimate. Optional attributes the glue reads: ``bpd_images``
