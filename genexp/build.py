@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from genexp import checkpoints
+from genexp import checkpoints, families
 from genexp.errors import ConfigError, GenexpError
 
 # what configs/ names (tests/test_registry.py checks that both lists agree), one line per class
@@ -333,8 +333,12 @@ def build_run(cfg: DictConfig, output_dir: Path, wandb_id: str | None, extra_cal
     # data here; channels_last and compile as its callback hooks, in every process
     performance = instantiate(cfg.performance, "performance") if cfg.get("performance") else Performance()
     trainer = cfg.trainer
+    family = families.of_model_config(cfg.model)
     precision = performance.trainer_precision(
-        trainer.get("precision"), trainer.get("accelerator", "auto"), trainer.get("strategy", "auto")
+        trainer.get("precision"),
+        trainer.get("accelerator", "auto"),
+        trainer.get("strategy", "auto"),
+        cpu_bf16=bool(family and family.cpu_bf16),
     )
     dataset = instantiate(cfg.dataset, "dataset")
     datamodule = instantiate(cfg.data, "data", dataset=dataset, device_data=performance.device_data)

@@ -29,7 +29,7 @@ RATINGS = ("○", "△", "×")  # good, fair, poor (the talk's marks)
 NOT_RATED = "—"  # a family the talk does not rate
 SAMPLE_OPTIONS = ("temperature", "truncation", "sampler", "solver")  # genexp sample's family-specific keys
 NODE_OPTIONS = ("sampler", "solver")  # the sample options that replace a model node
-FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "tiny", "renamed", "selects")
+FIELDS = ("label", "ratings", "sample_options", "needs_first_stage", "cpu_bf16", "tiny", "renamed", "selects")
 OPTIONAL = ("renamed", "selects")  # fields a family node may leave out (every other one is written out)
 NODE = "family"  # under the model node: model.family
 
@@ -50,6 +50,8 @@ class Family:
     # a family that samples by either node: the model keys choosing an option also sets
     # (``solver: {model.sample_with: ode}``), so ``genexp sample solver=heun`` samples by the ODE
     selects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # performance.precision=auto trains it in bf16-mixed on a CPU with native bf16 (AMX)
+    cpu_bf16: bool = False
 
     @property
     def rated(self) -> bool:
@@ -137,6 +139,7 @@ def parse(name: str, node: Mapping, where: str, target: str = "") -> Family:
         target=target,
         renamed=_renamed(node.get("renamed", {}), where, f"{key}.renamed"),
         selects=_selects(node.get("selects", {}), where, f"{key}.selects"),
+        cpu_bf16=_flag(node.get("cpu_bf16", False), where, f"{key}.cpu_bf16"),
     )
 
 

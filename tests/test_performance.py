@@ -111,6 +111,7 @@ def test_bad_values_stop_the_run_with_one_line(override, message, tmp_path):
 def test_precision_auto_resolves_for_the_accelerator(monkeypatch):
     perf = Performance()
     monkeypatch.setattr("genexp.lit.performance.cuda_has_bf16", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # accelerator=auto finds the GPU
     assert perf.trainer_precision(None, "gpu") == "bf16-mixed"
     assert perf.trainer_precision(None, "auto") == "bf16-mixed"
     assert perf.trainer_precision(None, "cpu") == "32-true"
@@ -543,3 +544,35 @@ def test_ddp_device_data_trains_like_the_dataloader(tmp_path):
     host, device = (dict(load_model(str(tmp_path / n)).model.named_parameters()) for n in ("host", "device"))
     for key, value in host.items():
         torch.testing.assert_close(device[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_precision_auto_on_a_cpu_follows_the_family_and_the_cpu(monkeypatch):
+    """auto on the CPU: bf16-mixed only where the CPU has AMX and the family's cpu_bf16 is true."""
+    perf = Performance()
+    monkeypatch.setattr("genexp.lit.performance.cpu_has_amx", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert perf.trainer_precision(None, "cpu", cpu_bf16=True) == "bf16-mixed"
+    assert perf.trainer_precision(None, "auto", cpu_bf16=True) == "bf16-mixed"  # auto with no GPU is the CPU
+    assert perf.trainer_precision(None, "cpu", cpu_bf16=False) == "32-true"
+    assert perf.trainer_precision("32-true", "cpu", cpu_bf16=True) == "32-true"  # an explicit value wins
+    monkeypatch.setattr("genexp.lit.performance.cpu_has_amx", lambda: False)  # no native bf16
+    assert perf.trainer_precision(None, "cpu", cpu_bf16=True) == "32-true"
+
+
+def test_family_nodes_keep_fp32_where_bf16_failed_the_check():
+    """scripts/bench_precision.py's verdict (docs/benchmarks.md): Glow's bf16 curve left fp32's, the
+    LDM's MLP gained 1.09x; every other family matched fp32 at 1.4-2.7x."""
+    from genexp import families
+
+    fp32 = {name for name in families.names() if not families.get(name).cpu_bf16}
+    assert fp32 == {"glow", "ldm"}
+
+
+def test_a_cpu_run_trains_in_the_precision_auto_picked(tmp_path, monkeypatch):
+    monkeypatch.setattr("genexp.lit.performance.cpu_has_amx", lambda: True)
+    cfg = compose_cfg(tiny("vae"), tmp_path)
+    from genexp.build import build_run
+
+    assert build_run(cfg, tmp_path / "run", None).trainer.precision == "bf16-mixed"
+    monkeypatch.setattr("genexp.lit.performance.cpu_has_amx", lambda: False)
+    assert build_run(cfg, tmp_path / "run2", None).trainer.precision == "32-true"

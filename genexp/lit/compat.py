@@ -8,6 +8,7 @@ nowhere else (pytorch-lightning 2.6).
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Timer
 
 
@@ -63,3 +64,13 @@ def fused_devices() -> tuple[str, ...]:
         return tuple(_get_fused_kernels_supported_devices())
     except ImportError:
         return ("cuda", "cpu")
+
+
+def cpu_has_amx() -> bool:
+    """A CPU with AMX tiles (native bf16 matrix units: Sapphire Rapids and later), by torch's private
+    ``torch.cpu._is_amx_tile_supported``; False where torch lacks it."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False

@@ -20,7 +20,7 @@ from torch import nn
 
 from genexp.checks import check_bool
 from genexp.errors import ConfigError, GenexpError, check_choice
-from genexp.lit.compat import fused_devices
+from genexp.lit.compat import cpu_has_amx, fused_devices
 
 log = logging.getLogger("genexp")
 
@@ -139,8 +139,8 @@ class Performance(pl.Callback):
     """Speed options; every one leaves the math and the checkpoints' format unchanged.
 
     Args:
-        precision: the Trainer's precision; ``auto`` is bf16-mixed on a CUDA GPU with native bf16,
-            else 32-true. An explicit ``trainer.precision`` wins over ``auto`` (a recipe that needs
+        precision: the Trainer's precision; ``auto`` is bf16-mixed on a CUDA GPU with native bf16
+            and on a CPU with AMX for the families whose ``family.cpu_bf16`` is true, else 32-true. An explicit ``trainer.precision`` wins over ``auto`` (a recipe that needs
             float32 sets it) and must agree with any other value.
         compile: ``nn.Module.compile()`` each network of the family in place, so state_dict keys
             stay the same and checkpoints load without compiling.
@@ -173,9 +173,13 @@ class Performance(pl.Callback):
         self.compiled: list[str] = []
 
     # ---------------------------------------------------------------- before the Trainer exists
-    def trainer_precision(self, trainer_precision=None, accelerator="auto", strategy="auto") -> str:
+    def trainer_precision(
+        self, trainer_precision=None, accelerator="auto", strategy="auto", cpu_bf16: bool = False
+    ) -> str:
         """The precision to give the Trainer (``trainer.precision`` and ``trainer.accelerator`` as
-        configured)."""
+        configured). ``cpu_bf16``: the family's ``family.cpu_bf16`` (its loss curve in bf16-mixed
+        matches fp32's and bf16 pays on the CPU: ``scripts/bench_precision.py``); ``auto`` on a CPU
+        with native bf16 matrix units (AMX) then picks bf16-mixed."""
         if trainer_precision is not None:
             try:
                 explicit = normalize_precision("trainer.precision", trainer_precision)
@@ -189,8 +193,9 @@ class Performance(pl.Callback):
             )
         if self.precision != "auto":
             return self.precision
-        if str(accelerator) not in ("auto", "gpu", "cuda"):
-            return "32-true"
+        on_cpu = str(accelerator) not in ("auto", "gpu", "cuda")
+        if on_cpu or (str(accelerator) == "auto" and not torch.cuda.is_available()):
+            return "bf16-mixed" if cpu_bf16 and cpu_has_amx() else "32-true"
         if "fork" in str(strategy) or "notebook" in str(strategy):
             # probing the GPU initialises CUDA, after which these strategies cannot fork
             raise GenexpError(
