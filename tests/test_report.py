@@ -130,16 +130,22 @@ def test_report_renders_in_chromium_with_every_image(compared):
     assert [row[0] for row in parsed.rows["summary"]] == ["Autoencoder (ae)", "Variational autoencoder (vae)"]
     assert [row[0] for row in parsed.rows["runs"]] == RUNS
 
+    screenshot(flags, page, "report.png", "1400,2400")
+
+
+def screenshot(flags: list[str], page: Path, name: str, size: str) -> Path:
+    """A headless-Chromium PNG of ``page`` under the test artifacts (checked to hold a real image)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report.png"
+    shot = ARTIFACTS / name
     shot.unlink(missing_ok=True)
     made = subprocess.run(
-        [*flags, "--window-size=1400,2400", f"--screenshot={shot}", page.as_uri()],
+        [*flags, f"--window-size={size}", f"--screenshot={shot}", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert made.returncode == 0 and shot.is_file() and shot.stat().st_size > 10_000, made.stderr[-2000:]
+    return shot
 
 
 def chromium() -> list[str]:

@@ -5,13 +5,12 @@ same table, the metric per override value), on one page that headless Chromium r
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from conftest import TINY
 from test_cli import genexp
 from test_optuna_sweep import trials, vae_study  # noqa: F401 - the session's 3-trial study (a fixture)
-from test_report import ARTIFACTS, chromium, fake_run, rendered_dom
+from test_report import chromium, fake_run, rendered_dom, screenshot
 
 from genexp.commands.report import write_report
 from genexp.report.collect import read_run
@@ -64,15 +63,7 @@ def test_the_search_page_renders_in_chromium_with_its_figures(vae_study, tmp_pat
     assert [row[0] for row in parsed.rows["sweep"]] == [f"#{t.number}" for t in found]
     assert [row[1] for row in parsed.rows["sweep"]] == ["COMPLETE"] * 3
     assert parsed.rows["summary"][0][:2] == ["Variational autoencoder (vae)", "3/3"]  # the rest of the page
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report_search.png"
-    shot.unlink(missing_ok=True)
-    made = subprocess.run(
-        [*flags, "--window-size=1200,1800", f"--screenshot={shot}", page.as_uri()],
-        capture_output=True,
-        timeout=120,
-    )
-    assert made.returncode == 0 and shot.stat().st_size > 10_000
+    screenshot(flags, page, "report_search.png", "1200,1800")
 
 
 def test_a_grid_report_ranks_its_runs_and_plots_the_metric_per_override_value(tmp_path):
